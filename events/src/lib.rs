@@ -1,0 +1,32 @@
+//! The event contract shared by every part of the ledger.
+//!
+//! Events are the source of truth: the command side appends them, the relay publishes them,
+//! projectors fold them into read models. Everything that must agree on their shape lives
+//! here, and nothing else does.
+//!
+//! # Layout
+//!
+//! - [`money`]: [`Currency`] (ISO 4217) and [`Amount`] (positive integer minor units).
+//! - [`account`]: the account events ([`AccountEvent`]), their type names and schema versions.
+//! - [`metadata`]: what travels with every event besides its payload (request, correlation
+//!   and causation ids, idempotency key).
+//! - [`envelope`]: [`RecordedEvent`], an event as stored: id, aggregate, per-aggregate
+//!   sequence, global position, time, metadata.
+//! - [`upcast`]: how payloads written by older versions are read by today's code.
+//!
+//! # Versioning rules
+//!
+//! A payload is JSON with a `type` member naming the event. Its schema version is stored
+//! beside it (`event_version`). A change a reader could misread gets a new version and an
+//! upcaster from the previous one; old payloads are never rewritten in place.
+
+pub mod account;
+pub mod envelope;
+pub mod metadata;
+pub mod money;
+pub mod upcast;
+
+pub use account::{AccountEvent, ACCOUNT_AGGREGATE_TYPE};
+pub use envelope::{DecodeError, RecordedEvent};
+pub use metadata::Metadata;
+pub use money::{Amount, AmountError, Currency, CurrencyError};

@@ -1,0 +1,101 @@
+//! What travels with every event besides its payload.
+//!
+//! Stored as a flat JSON object of strings (`events.metadata`), which is also what cqrs-es
+//! hands around as `HashMap<String, String>`. Unknown keys are kept, so newer writers do not
+//! lose information when older code copies metadata along.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Metadata of one event. Every field is optional so that events written before a field
+/// existed still read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// The id of the HTTP request (or process-manager step) that produced the event; the
+    /// thread to follow through logs of every process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Groups every event of one business flow (e.g. both legs of a transfer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The id of the command or event that directly caused this event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    /// The client's `Idempotency-Key`, when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Fingerprint of the request the key was first used with (method, path, body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
+    /// The id of the command attempt that appended the event, unique per attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    /// Any other keys, preserved as they are.
+    #[serde(flatten)]
+    pub extra: HashMap<String, String>,
+}
+
+impl Metadata {
+    /// The flat string map cqrs-es stores.
+    pub fn to_map(&self) -> HashMap<String, String> {
+        let mut map = self.extra.clone();
+        let fields = [
+            ("request_id", &self.request_id),
+            ("correlation_id", &self.correlation_id),
+            ("causation_id", &self.causation_id),
+            ("idempotency_key", &self.idempotency_key),
+            ("request_hash", &self.request_hash),
+            ("command_id", &self.command_id),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                map.insert(key.to_owned(), value.clone());
+            }
+        }
+        map
+    }
+
+    /// Reads the flat string map back.
+    pub fn from_map(mut map: HashMap<String, String>) -> Self {
+        Self {
+            request_id: map.remove("request_id"),
+            correlation_id: map.remove("correlation_id"),
+            causation_id: map.remove("causation_id"),
+            idempotency_key: map.remove("idempotency_key"),
+            request_hash: map.remove("request_hash"),
+            command_id: map.remove("command_id"),
+            extra: map,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_through_the_flat_map_keeping_unknown_keys() {
+        let mut extra = HashMap::new();
+        extra.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
+        let metadata = Metadata {
+            request_id: Some("req-1".into()),
+            correlation_id: Some("corr-1".into()),
+            causation_id: None,
+            idempotency_key: Some("key-1".into()),
+            request_hash: None,
+            command_id: Some("cmd-1".into()),
+            extra,
+        };
+        let map = metadata.to_map();
+        assert_eq!(map.get("request_id").map(String::as_str), Some("req-1"));
+        assert_eq!(
+            map.get("traceparent").map(String::as_str),
+            Some("00-abc-def-01")
+        );
+        assert!(!map.contains_key("causation_id"));
+        assert_eq!(Metadata::from_map(map), metadata);
+        let json = serde_json::to_value(&metadata).unwrap();
+        assert_eq!(serde_json::from_value::<Metadata>(json).unwrap(), metadata);
+    }
+}
