@@ -1,0 +1,17 @@
+//! HTTP building blocks shared by the command and query APIs.
+//!
+//! - [`problem`]: [`Problem`], an RFC 9457 `application/problem+json` answer.
+//! - [`extract`]: [`Json`] and [`Path`], extractors whose rejections are problems.
+//! - [`request_id`]: accepts or makes a request id, puts it on the log span and the response.
+//! - [`health`]: `/healthz` and `/readyz`.
+//! - [`fallback`]: problem answers for unknown routes, wrong methods and panics.
+
+pub mod extract;
+pub mod fallback;
+pub mod health;
+pub mod problem;
+pub mod request_id;
+
+pub use extract::{Json, Path};
+pub use problem::Problem;
+pub use request_id::RequestId;
