@@ -1,0 +1,138 @@
+//! Settings, read from environment variables (or the matching flags) and validated at start.
+//! A bad value stops the process with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ledger_platform::telemetry::LogFormat;
+use sqlx::postgres::PgConnectOptions;
+
+/// The command API of the ledger.
+#[derive(Debug, Parser)]
+#[command(name = "ledger-command", version, about)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings shared by every subcommand.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply pending database migrations and exit. Safe to run from several instances at once.
+    Migrate,
+}
+
+/// Every setting of the command service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// PostgreSQL connection URL, e.g. postgres://ledger@127.0.0.1:5432/ledger. Never logged.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: DatabaseUrl,
+
+    /// Most connections this process opens to PostgreSQL.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_max_connections: u32,
+
+    /// How long a request waits for a free database connection before it is answered 503.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_acquire_timeout: Duration,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "COMMAND_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// An account's state is snapshotted every this many events.
+    #[arg(long, env = "SNAPSHOT_EVERY", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub snapshot_every: u64,
+
+    /// Retries of a command that lost a version race, before answering 409.
+    #[arg(long, env = "COMMAND_MAX_RETRIES", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub command_max_retries: u32,
+
+    /// How long an Idempotency-Key is remembered; afterwards it may be used again.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
+
+    /// Largest request body accepted, in bytes; larger bodies are answered 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
+    pub max_body_bytes: u64,
+
+    /// A request running longer than this is answered 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish before the process exits.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// The database URL; its `Debug` hides the password.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub PgConnectOptions);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.0.get_username(),
+            self.0.get_host(),
+            self.0.get_port(),
+            self.0.get_database().unwrap_or_default()
+        )
+    }
+}
+
+fn parse_database_url(value: &str) -> Result<DatabaseUrl, String> {
+    if !(value.starts_with("postgres://") || value.starts_with("postgresql://")) {
+        return Err("must be a postgres:// or postgresql:// URL".into());
+    }
+    PgConnectOptions::from_str(value)
+        .map(DatabaseUrl)
+        .map_err(|err| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ledger_platform::config::{try_parse_from, ParseFailure};
+
+    #[test]
+    fn settings_have_sane_defaults() {
+        let cli: Cli = try_parse_from([
+            "ledger-command",
+            "--database-url",
+            "postgres://u:secret@h/db",
+        ])
+        .unwrap();
+        assert_eq!(cli.settings.snapshot_every, 100);
+        assert_eq!(
+            cli.settings.idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        assert!(!format!("{:?}", cli.settings).contains("secret"));
+    }
+
+    #[test]
+    fn a_bad_database_url_is_reported_by_its_variable_name() {
+        let failure =
+            try_parse_from::<Cli, _, _>(["ledger-command", "--database-url", "mysql://x"])
+                .unwrap_err();
+        let ParseFailure::Config(message) = failure else {
+            panic!("{failure:?}");
+        };
+        assert!(message.starts_with("DATABASE_URL="), "{message}");
+    }
+}

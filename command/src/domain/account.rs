@@ -1,0 +1,390 @@
+//! The account aggregate: opened in one currency, credited, debited, closed at zero.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use ledger_events::{AccountEvent, Amount, Currency, ACCOUNT_AGGREGATE_TYPE};
+use serde::{Deserialize, Serialize};
+
+/// What a client asks of an account (imperative).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountCommand {
+    /// Open a new account for `owner` in `currency`.
+    Open { owner: String, currency: Currency },
+    /// Credit `amount`; `currency` must be the account's.
+    Deposit {
+        amount: Amount,
+        currency: Currency,
+        reference: Option<String>,
+    },
+    /// Debit `amount`; never below zero.
+    Withdraw {
+        amount: Amount,
+        currency: Currency,
+        reference: Option<String>,
+    },
+    /// Close the account; only at a zero balance.
+    Close,
+}
+
+/// Where an account is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStatus {
+    /// No `AccountOpened` yet: the account does not exist.
+    #[default]
+    Unopened,
+    /// Open for business.
+    Open,
+    /// Closed; refuses everything.
+    Closed,
+}
+
+/// A domain rule the command would break. Each variant has a stable [`code`](Self::code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// The account was never opened.
+    #[error("no account with this id exists")]
+    NotFound,
+    /// Opening an account that exists.
+    #[error("an account with this id already exists")]
+    AlreadyExists,
+    /// Any command on a closed account.
+    #[error("the account is closed")]
+    Closed,
+    /// Money in another currency than the account's.
+    #[error("the account holds {expected}, not {given}")]
+    CurrencyMismatch { expected: Currency, given: Currency },
+    /// A withdrawal larger than the balance.
+    #[error("insufficient funds: the balance is {balance}, the withdrawal {requested}")]
+    InsufficientFunds { balance: i64, requested: i64 },
+    /// A deposit that would take the balance past the largest representable amount.
+    #[error("the deposit would take the balance past the largest supported amount")]
+    BalanceOverflow { balance: i64, requested: i64 },
+    /// Closing an account that still holds money.
+    #[error("the account can only be closed at a zero balance; it holds {balance}")]
+    BalanceNotZero { balance: i64 },
+}
+
+impl AccountError {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound => "account_not_found",
+            Self::AlreadyExists => "account_already_exists",
+            Self::Closed => "account_closed",
+            Self::CurrencyMismatch { .. } => "currency_mismatch",
+            Self::InsufficientFunds { .. } => "insufficient_funds",
+            Self::BalanceOverflow { .. } => "balance_overflow",
+            Self::BalanceNotZero { .. } => "balance_not_zero",
+        }
+    }
+}
+
+/// The account's state, folded from its events. Also the snapshot payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// Where the account is in its life.
+    pub status: AccountStatus,
+    /// Who owns it (as given at opening).
+    pub owner: String,
+    /// The only currency it holds; `None` until opened.
+    pub currency: Option<Currency>,
+    /// Minor units; never negative.
+    pub balance: i64,
+}
+
+impl Account {
+    /// The events `command` produces from this state, or the rule it breaks.
+    pub fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::Open { owner, currency } => match self.status {
+                AccountStatus::Unopened => {
+                    Ok(vec![AccountEvent::AccountOpened { owner, currency }])
+                }
+                AccountStatus::Open | AccountStatus::Closed => Err(AccountError::AlreadyExists),
+            },
+            AccountCommand::Deposit {
+                amount,
+                currency,
+                reference,
+            } => {
+                self.check_accepts(currency)?;
+                if self.balance.checked_add(amount.minor_units()).is_none() {
+                    return Err(AccountError::BalanceOverflow {
+                        balance: self.balance,
+                        requested: amount.minor_units(),
+                    });
+                }
+                Ok(vec![AccountEvent::MoneyDeposited {
+                    amount,
+                    currency,
+                    reference,
+                }])
+            }
+            AccountCommand::Withdraw {
+                amount,
+                currency,
+                reference,
+            } => {
+                self.check_accepts(currency)?;
+                if amount.minor_units() > self.balance {
+                    return Err(AccountError::InsufficientFunds {
+                        balance: self.balance,
+                        requested: amount.minor_units(),
+                    });
+                }
+                Ok(vec![AccountEvent::MoneyWithdrawn {
+                    amount,
+                    currency,
+                    reference,
+                }])
+            }
+            AccountCommand::Close => {
+                self.check_open()?;
+                if self.balance != 0 {
+                    return Err(AccountError::BalanceNotZero {
+                        balance: self.balance,
+                    });
+                }
+                Ok(vec![AccountEvent::AccountClosed {}])
+            }
+        }
+    }
+
+    /// Folds one event into the state. Events are facts: this never fails. Arithmetic
+    /// saturates rather than wrapping, though `decide` never lets it get there.
+    pub fn fold(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::AccountOpened { owner, currency } => {
+                self.status = AccountStatus::Open;
+                self.owner.clone_from(owner);
+                self.currency = Some(*currency);
+            }
+            AccountEvent::MoneyDeposited { amount, .. } => {
+                self.balance = self.balance.saturating_add(amount.minor_units());
+            }
+            AccountEvent::MoneyWithdrawn { amount, .. } => {
+                self.balance = self.balance.saturating_sub(amount.minor_units());
+            }
+            AccountEvent::AccountClosed {} => self.status = AccountStatus::Closed,
+        }
+    }
+
+    fn check_open(&self) -> Result<(), AccountError> {
+        match self.status {
+            AccountStatus::Unopened => Err(AccountError::NotFound),
+            AccountStatus::Closed => Err(AccountError::Closed),
+            AccountStatus::Open => Ok(()),
+        }
+    }
+
+    fn check_accepts(&self, currency: Currency) -> Result<(), AccountError> {
+        self.check_open()?;
+        match self.currency {
+            Some(expected) if expected != currency => Err(AccountError::CurrencyMismatch {
+                expected,
+                given: currency,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Aggregate for Account {
+    const TYPE: &'static str = ACCOUNT_AGGREGATE_TYPE;
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        self.fold(&event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    type AccountTest = TestFramework<Account>;
+
+    fn eur() -> Currency {
+        "EUR".parse().unwrap()
+    }
+
+    fn usd() -> Currency {
+        "USD".parse().unwrap()
+    }
+
+    fn amount(units: i64) -> Amount {
+        Amount::new(units).unwrap()
+    }
+
+    fn opened() -> AccountEvent {
+        AccountEvent::AccountOpened {
+            owner: "alice".into(),
+            currency: eur(),
+        }
+    }
+
+    fn deposited(units: i64) -> AccountEvent {
+        AccountEvent::MoneyDeposited {
+            amount: amount(units),
+            currency: eur(),
+            reference: None,
+        }
+    }
+
+    fn withdrawn(units: i64) -> AccountEvent {
+        AccountEvent::MoneyWithdrawn {
+            amount: amount(units),
+            currency: eur(),
+            reference: None,
+        }
+    }
+
+    fn deposit(units: i64, currency: Currency) -> AccountCommand {
+        AccountCommand::Deposit {
+            amount: amount(units),
+            currency,
+            reference: None,
+        }
+    }
+
+    fn withdraw(units: i64) -> AccountCommand {
+        AccountCommand::Withdraw {
+            amount: amount(units),
+            currency: eur(),
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn opening_a_new_account_records_owner_and_currency() {
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(AccountCommand::Open {
+                owner: "alice".into(),
+                currency: eur(),
+            })
+            .then_expect_events(vec![opened()]);
+    }
+
+    #[test]
+    fn opening_an_existing_account_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened()])
+            .when(AccountCommand::Open {
+                owner: "bob".into(),
+                currency: usd(),
+            })
+            .then_expect_error(AccountError::AlreadyExists);
+    }
+
+    #[test]
+    fn depositing_into_an_open_account_credits_it() {
+        AccountTest::with(())
+            .given(vec![opened()])
+            .when(deposit(500, eur()))
+            .then_expect_events(vec![deposited(500)]);
+    }
+
+    #[test]
+    fn depositing_into_an_unknown_account_is_not_found() {
+        AccountTest::with(())
+            .given_no_previous_events()
+            .when(deposit(500, eur()))
+            .then_expect_error(AccountError::NotFound);
+    }
+
+    #[test]
+    fn depositing_another_currency_is_a_currency_mismatch() {
+        AccountTest::with(())
+            .given(vec![opened()])
+            .when(deposit(500, usd()))
+            .then_expect_error(AccountError::CurrencyMismatch {
+                expected: eur(),
+                given: usd(),
+            });
+    }
+
+    #[test]
+    fn depositing_past_the_largest_balance_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(i64::MAX - 10)])
+            .when(deposit(11, eur()))
+            .then_expect_error(AccountError::BalanceOverflow {
+                balance: i64::MAX - 10,
+                requested: 11,
+            });
+    }
+
+    #[test]
+    fn withdrawing_up_to_the_balance_debits_it() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100), withdrawn(30)])
+            .when(withdraw(70))
+            .then_expect_events(vec![withdrawn(70)]);
+    }
+
+    #[test]
+    fn withdrawing_more_than_the_balance_is_insufficient_funds() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100)])
+            .when(withdraw(101))
+            .then_expect_error(AccountError::InsufficientFunds {
+                balance: 100,
+                requested: 101,
+            });
+    }
+
+    #[test]
+    fn closing_at_zero_balance_closes_the_account() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100), withdrawn(100)])
+            .when(AccountCommand::Close)
+            .then_expect_events(vec![AccountEvent::AccountClosed {}]);
+    }
+
+    #[test]
+    fn closing_with_money_left_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100)])
+            .when(AccountCommand::Close)
+            .then_expect_error(AccountError::BalanceNotZero { balance: 100 });
+    }
+
+    #[test]
+    fn a_closed_account_refuses_everything() {
+        for command in [deposit(1, eur()), withdraw(1), AccountCommand::Close] {
+            AccountTest::with(())
+                .given(vec![opened(), AccountEvent::AccountClosed {}])
+                .when(command)
+                .then_expect_error(AccountError::Closed);
+        }
+    }
+
+    #[test]
+    fn folding_events_gives_the_balance() {
+        let mut account = Account::default();
+        for event in [opened(), deposited(100), withdrawn(40), deposited(5)] {
+            account.fold(&event);
+        }
+        assert_eq!(account.balance, 65);
+        assert_eq!(account.status, AccountStatus::Open);
+        assert_eq!(account.currency, Some(eur()));
+    }
+}

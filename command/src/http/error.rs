@@ -1,0 +1,190 @@
+//! The command API's errors: each variant has its status on purpose, and every answer is
+//! RFC 9457 problem+json. 500s are logged with their cause and answered without it.
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ledger_events::AmountError;
+use ledger_platform::http::Problem;
+use serde_json::json;
+
+use crate::domain::AccountError;
+use crate::ledger::LedgerError;
+
+/// Everything a command request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A domain rule: 404 for an unknown account, 422 for the rest.
+    #[error(transparent)]
+    Domain(#[from] AccountError),
+    /// A zero, negative or too large amount (422), or one that is not an integer (400).
+    #[error(transparent)]
+    Amount(#[from] AmountError),
+    /// A field with a value the API does not accept: 400.
+    #[error("{field}: {message}")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
+    /// The currency is not an ISO 4217 code: 400.
+    #[error("{0}")]
+    InvalidCurrency(String),
+    /// The idempotency key was first used with another request: 422.
+    #[error("the Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// Concurrent commands on the account kept winning: 409.
+    #[error("concurrent updates to the account; gave up after {attempts} attempts")]
+    Conflict { attempts: u32 },
+    /// PostgreSQL is unavailable: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or corrupt data: 500.
+    #[error("{0}")]
+    Internal(String),
+    /// An answer already shaped (extractor rejections).
+    #[error("{}", .0.detail)]
+    Problem(Problem),
+}
+
+impl ApiError {
+    /// The problem answer for this error.
+    pub fn problem(&self) -> Problem {
+        match self {
+            Self::Domain(rule) => domain_problem(rule),
+            Self::Amount(err) => {
+                let status = match err {
+                    AmountError::NotInteger(_) => StatusCode::BAD_REQUEST,
+                    AmountError::NotPositive(_) | AmountError::Overflow(_) => {
+                        StatusCode::UNPROCESSABLE_ENTITY
+                    }
+                };
+                Problem::new(status, err.code(), "Invalid amount", err.to_string())
+            }
+            Self::InvalidField { field, message } => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                "Invalid field",
+                format!("{field}: {message}"),
+            )
+            .with("field", *field),
+            Self::InvalidCurrency(detail) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_currency",
+                "Invalid currency",
+                detail.clone(),
+            )
+            .with("field", "currency"),
+            Self::IdempotencyKeyReused => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "Idempotency-Key reused",
+                "this Idempotency-Key was first used with a different request (method, path or body); use a new key for a new request",
+            ),
+            Self::Conflict { attempts } => Problem::new(
+                StatusCode::CONFLICT,
+                "concurrency_conflict",
+                "Concurrent update",
+                format!("the account was changed concurrently {attempts} times in a row; nothing was written, retry the request"),
+            ),
+            Self::Unavailable(cause) => {
+                tracing::error!(%cause, "database unavailable");
+                Problem::unavailable("the event store is unavailable; nothing was written, retry later")
+            }
+            Self::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                Problem::internal()
+            }
+            Self::Problem(problem) => problem.clone(),
+        }
+    }
+}
+
+fn domain_problem(rule: &AccountError) -> Problem {
+    let (status, title) = match rule {
+        AccountError::NotFound => (StatusCode::NOT_FOUND, "Account not found"),
+        AccountError::AlreadyExists => (StatusCode::UNPROCESSABLE_ENTITY, "Account exists"),
+        AccountError::Closed => (StatusCode::UNPROCESSABLE_ENTITY, "Account closed"),
+        AccountError::CurrencyMismatch { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "Currency mismatch")
+        }
+        AccountError::InsufficientFunds { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "Insufficient funds")
+        }
+        AccountError::BalanceOverflow { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "Balance overflow")
+        }
+        AccountError::BalanceNotZero { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "Balance not zero")
+        }
+    };
+    let problem = Problem::new(status, rule.code(), title, rule.to_string());
+    match rule {
+        AccountError::CurrencyMismatch { expected, given } => problem
+            .with("account_currency", expected.code())
+            .with("given_currency", given.code()),
+        AccountError::InsufficientFunds { balance, requested }
+        | AccountError::BalanceOverflow { balance, requested } => problem
+            .with("balance", *balance)
+            .with("requested", *requested),
+        AccountError::BalanceNotZero { balance } => problem.with("balance", *balance),
+        _ => problem,
+    }
+}
+
+impl From<Problem> for ApiError {
+    fn from(problem: Problem) -> Self {
+        Self::Problem(problem)
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(err: LedgerError) -> Self {
+        match err {
+            LedgerError::Rejected(rule) => Self::Domain(rule),
+            LedgerError::Conflict { attempts } => Self::Conflict { attempts },
+            LedgerError::KeyTaken => Self::Conflict { attempts: 1 },
+            LedgerError::Unavailable(cause) => Self::Unavailable(cause),
+            LedgerError::Internal(cause) => Self::Internal(cause),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                Self::Unavailable(err.to_string())
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.problem().into_response()
+    }
+}
+
+/// Middleware: a request still running after the timeout is answered 503. Its command may
+/// still commit afterwards; a client retrying with the same Idempotency-Key gets that outcome.
+pub async fn timeout_layer(
+    State(timeout): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            "Request timed out",
+            format!("the request did not finish within {} ms; retry with the same Idempotency-Key to learn its outcome", timeout.as_millis()),
+        )
+        .with("timeout_ms", json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)))
+        .into_response(),
+    }
+}

@@ -1,0 +1,51 @@
+//! The HTTP API under `/v1`, plus health routes and problem answers for everything else.
+
+pub mod accounts;
+pub mod error;
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::{middleware, Router};
+use ledger_platform::http::{fallback, health, request_id};
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::ledger::Ledger;
+
+pub use error::ApiError;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Executes commands.
+    pub ledger: Arc<Ledger>,
+}
+
+/// Limits the router applies to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted request body; larger is a 413.
+    pub max_body_bytes: usize,
+    /// A request taking longer is answered 503 (and its work abandoned if not committed).
+    pub request_timeout: Duration,
+}
+
+/// The whole application router.
+pub fn router(state: AppState, limits: Limits) -> Router {
+    let pool = state.ledger.pool().clone();
+    Router::new()
+        .nest("/v1", accounts::router())
+        .with_state(state)
+        .merge(health::router(pool))
+        .fallback(fallback::not_found)
+        .method_not_allowed_fallback(fallback::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            limits.request_timeout,
+            error::timeout_layer,
+        ))
+        .layer(CatchPanicLayer::custom(fallback::panic_response))
+        .layer(middleware::from_fn(request_id::layer))
+}

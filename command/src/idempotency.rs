@@ -1,0 +1,175 @@
+//! SQL for the `idempotency_keys` table, and request fingerprints.
+//!
+//! A key is claimed either by the trigger on `events` (in the transaction that appends the
+//! request's events) or by [`record_refusal`] (a request refused by a domain rule appends
+//! nothing). Either way the first claim wins and every later request with the key gets the
+//! first one's answer, or a 422 when its fingerprint differs.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+/// The answer given to a request, kept so duplicates get the same one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body (an account summary or a problem).
+    pub body: Value,
+}
+
+/// What is known about a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    /// Fingerprint of the request that first used the key.
+    pub request_hash: String,
+    /// For a key claimed by appended events: the aggregate and its last event under the key.
+    pub appended: Option<Appended>,
+    /// The answer, once stored.
+    pub response: Option<StoredResponse>,
+}
+
+/// Where the events appended under a key ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The aggregate the events belong to.
+    pub aggregate_id: String,
+    /// Sequence of its last event under the key.
+    pub last_sequence: i64,
+    /// Global position of that event.
+    pub last_position: i64,
+}
+
+/// A request's fingerprint: SHA-256 over method, path and the canonical JSON of the body
+/// (object keys sorted, no insignificant white space).
+pub fn fingerprint(method: &str, path: &str, body: &Value) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(method.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(path.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(body.to_string().as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// One row of `idempotency_keys`, as read.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    request_hash: String,
+    aggregate_id: Option<String>,
+    last_sequence: Option<i64>,
+    last_position: Option<i64>,
+    response_status: Option<i16>,
+    response_body: Option<Value>,
+}
+
+/// The record for `key`, if the key was used.
+pub async fn find(pool: &PgPool, key: &str) -> Result<Option<KeyRecord>, sqlx::Error> {
+    let row: Option<KeyRow> = sqlx::query_as(
+        "SELECT request_hash, aggregate_id, last_sequence, last_position,
+                response_status, response_body
+           FROM idempotency_keys
+          WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| KeyRecord {
+        request_hash: row.request_hash,
+        appended: match (row.aggregate_id, row.last_sequence, row.last_position) {
+            (Some(aggregate_id), Some(last_sequence), Some(last_position)) => Some(Appended {
+                aggregate_id,
+                last_sequence,
+                last_position,
+            }),
+            _ => None,
+        },
+        response: match (row.response_status, row.response_body) {
+            (Some(status), Some(body)) => Some(StoredResponse {
+                status: u16::try_from(status).unwrap_or(500),
+                body,
+            }),
+            _ => None,
+        },
+    }))
+}
+
+/// Whether `key` has been claimed (by committed events or a stored refusal).
+pub async fn is_claimed(pool: &PgPool, key: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM idempotency_keys WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    Ok(found.is_some())
+}
+
+/// Stores the answer for a key claimed by appended events (first answer wins).
+pub async fn save_response(
+    pool: &PgPool,
+    key: &str,
+    response: &StoredResponse,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET response_status = $2, response_body = $3
+          WHERE idempotency_key = $1 AND response_status IS NULL",
+    )
+    .bind(key)
+    .bind(i16::try_from(response.status).unwrap_or(500))
+    .bind(&response.body)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Claims `key` for a refused request with its answer. `false` when the key was claimed
+/// first by another request (whose answer then stands).
+pub async fn record_refusal(
+    pool: &PgPool,
+    key: &str,
+    request_hash: &str,
+    response: &StoredResponse,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(request_hash)
+    .bind(i16::try_from(response.status).unwrap_or(500))
+    .bind(&response.body)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Forgets keys older than `retention`; they may be used again afterwards.
+pub async fn purge_expired(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
+    let seconds = retention.as_secs_f64();
+    let deleted = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(seconds)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fingerprints_ignore_key_order_and_see_every_field() {
+        let a: Value = serde_json::from_str(r#"{"amount": 5, "currency": "EUR"}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{ "currency":"EUR","amount":5 }"#).unwrap();
+        assert_eq!(fingerprint("POST", "/x", &a), fingerprint("POST", "/x", &b));
+        let c = json!({"amount": 6, "currency": "EUR"});
+        assert_ne!(fingerprint("POST", "/x", &a), fingerprint("POST", "/x", &c));
+        assert_ne!(fingerprint("POST", "/x", &a), fingerprint("POST", "/y", &a));
+    }
+}

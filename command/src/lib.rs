@@ -1,0 +1,30 @@
+//! The ledger's command side: an HTTP API that validates intents and appends events.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from the environment, validated at start.
+//! - [`domain`]: the account aggregate (cqrs-es): commands in, events or a rule broken out.
+//! - [`store`]: the postgres-es event repository (with its snapshot race made safe) and the
+//!   global position lookup.
+//! - [`ledger`]: executes one intent: load, decide, append; retries version conflicts.
+//! - [`idempotency`]: the `idempotency_keys` table and request fingerprints.
+//! - [`http`]: the axum routes, the `ApiError` → problem+json mapping, request headers.
+//! - [`startup`]: [`startup::Application`], which `main` and the tests both start.
+//!
+//! # Flow of a command
+//!
+//! `POST /v1/accounts/{id}/deposits` → [`http::accounts`] validates the body (400/415/413
+//! before anything else) → looks up the `Idempotency-Key` (replay or 422) →
+//! [`ledger::Ledger::execute`] loads the account (snapshot + later events), lets
+//! [`domain::Account::decide`] produce events (or a 404/422 refusal), and commits them
+//! in one PostgreSQL transaction; the key is claimed in that same transaction by a trigger.
+//! Only after the commit does the client get its 2xx, carrying the account's new state and
+//! the global position of the last event.
+
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod idempotency;
+pub mod ledger;
+pub mod startup;
+pub mod store;

@@ -1,0 +1,145 @@
+//! Building and running the service. Tests start it the same way `main` does, on port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::http::{self, AppState, Limits};
+use crate::idempotency;
+use crate::ledger::{Ledger, RetryPolicy};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The database is unreachable or its schema is behind.
+    #[error(transparent)]
+    Database(#[from] ledger_platform::db::DbError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready-to-run command service.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    pool: PgPool,
+    idempotency_retention: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Connects to PostgreSQL, checks the schema is current, binds the listener.
+    pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        let pool = ledger_platform::db::connect(
+            settings.database_url.0.clone(),
+            settings.database_max_connections,
+            settings.database_acquire_timeout,
+        )
+        .await?;
+        ledger_platform::db::ensure_schema_current(&pool).await?;
+        Self::with_pool(settings, pool).await
+    }
+
+    /// Binds the listener over an existing pool.
+    pub async fn with_pool(settings: &Settings, pool: PgPool) -> Result<Self, StartupError> {
+        let ledger = Ledger::new(
+            pool.clone(),
+            usize::try_from(settings.snapshot_every).unwrap_or(usize::MAX),
+            RetryPolicy {
+                max_retries: settings.command_max_retries,
+                ..RetryPolicy::default()
+            },
+        );
+        let router = http::router(
+            AppState {
+                ledger: Arc::new(ledger),
+            },
+            Limits {
+                max_body_bytes: usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX),
+                request_timeout: settings.request_timeout,
+            },
+        );
+        let listener = TcpListener::bind(settings.listen_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.listen_addr,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            router,
+            pool,
+            idempotency_retention: settings.idempotency_retention,
+            shutdown_timeout: settings.shutdown_timeout,
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// finish (for at most the shutdown timeout) and returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let purge = tokio::spawn(purge_idempotency_keys(
+            self.pool.clone(),
+            self.idempotency_retention,
+            stop_rx.clone(),
+        ));
+        tracing::info!(addr = %self.listener.local_addr()?, "command API listening");
+        let mut drained = stop_rx.clone();
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let deadline = async move {
+            let _ = drained.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(self.shutdown_timeout).await;
+        };
+        let result = tokio::select! {
+            result = serve => result,
+            () = deadline => {
+                tracing::warn!("in-flight requests did not finish within the shutdown timeout");
+                Ok(())
+            }
+        };
+        purge.abort();
+        self.pool.close().await;
+        tracing::info!("command API stopped");
+        result
+    }
+}
+
+/// Forgets expired idempotency keys, every `retention / 4` (between 1 s and 5 min).
+async fn purge_idempotency_keys(
+    pool: PgPool,
+    retention: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match idempotency::purge_expired(&pool, retention).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired idempotency keys forgotten"),
+            Err(err) => tracing::warn!(error = %err, "could not purge idempotency keys"),
+        }
+    }
+}
