@@ -1,0 +1,175 @@
+//! Promise 7: idempotent intents.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use ledger_command::idempotency;
+use ledger_command::ledger::{Intent, Ledger, RetryPolicy};
+use ledger_events::Metadata;
+use serde_json::json;
+
+use crate::helpers::{spawn_app, spawn_app_on};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_and_request_get_the_same_answer_and_one_set_of_events() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    let first = app.deposit(id, 300, Some("k-1")).await;
+    let second = app.deposit(id, 300, Some("k-1")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(second.status, first.status);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.headers["idempotent-replayed"], "true");
+    assert_eq!(app.events_of(id).await.len(), 2);
+    assert_eq!(app.balance_from_events(id).await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_duplicates_of_a_deposit_append_once_and_all_get_the_first_answer() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(&first.database_url, first.pool.clone(), &[]).await;
+    let id = first.new_account().await;
+    let answers = join_all((0..20).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.deposit(id, 250, Some("race-deposit"))
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.body, answers[0].body);
+    }
+    assert_eq!(first.events_of(id).await.len(), 2);
+    assert_eq!(first.balance_from_events(id).await, 250);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_duplicates_of_an_account_opening_open_one_account() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(&first.database_url, first.pool.clone(), &[]).await;
+    let body = json!({"owner": "bob", "currency": "USD"});
+    let answers = join_all((0..20).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.post("/v1/accounts", &body, Some("race-open"))
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(answer.status, 201, "{}", answer.text);
+        assert_eq!(answer.body, answers[0].body);
+        assert_eq!(answer.headers["location"], answers[0].headers["location"]);
+    }
+    assert_eq!(first.event_count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_with_a_different_request_is_422_and_writes_nothing() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    assert_eq!(app.deposit(id, 300, Some("k-2")).await.status, 200);
+    let before = app.event_count().await;
+    app.deposit(id, 301, Some("k-2"))
+        .await
+        .assert_problem(422, "idempotency_key_reused");
+    app.withdraw(id, 300, Some("k-2"))
+        .await
+        .assert_problem(422, "idempotency_key_reused");
+    assert_eq!(app.event_count().await, before);
+    assert_eq!(app.balance_from_events(id).await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_answered_the_same_way_when_repeated() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    let refused = app.withdraw(id, 50, Some("k-3")).await;
+    refused.assert_problem(422, "insufficient_funds");
+    assert_eq!(app.deposit(id, 100, None).await.status, 200);
+    // The funds are there now, but the key's answer stands.
+    let repeated = app.withdraw(id, 50, Some("k-3")).await;
+    assert_eq!(repeated.status, 422);
+    assert_eq!(repeated.body, refused.body);
+    assert_eq!(app.balance_from_events(id).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_committed_before_the_process_died_is_answered_from_its_events() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    app.deposit(id, 40, None).await;
+    // What a process that died between commit and response leaves behind: events claimed
+    // under the key, and no stored answer.
+    let path = format!("/v1/accounts/{id}/deposits");
+    let body = json!({"amount": 60, "currency": "EUR"});
+    let ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let committed = ledger
+        .execute(Intent {
+            account_id: id,
+            command: ledger_command::domain::AccountCommand::Deposit {
+                amount: ledger_events::Amount::new(60).unwrap(),
+                currency: "EUR".parse().unwrap(),
+                reference: None,
+            },
+            metadata: Metadata {
+                idempotency_key: Some("k-died".into()),
+                request_hash: Some(idempotency::fingerprint("POST", &path, &body)),
+                ..Metadata::default()
+            },
+        })
+        .await
+        .unwrap();
+    let record = idempotency::find(&app.pool, "k-died")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(record.response.is_none(), "no answer was stored");
+
+    let answer = app.post(&path, &body, Some("k-died")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["balance"], 100);
+    assert_eq!(answer.body["version"], committed.version);
+    assert_eq!(answer.body["position"], committed.position);
+    assert_eq!(
+        app.events_of(id).await.len(),
+        3,
+        "the deposit was not applied again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_forgotten_after_the_retention_and_may_be_used_again() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    assert_eq!(app.deposit(id, 5, Some("k-old")).await.status, 200);
+    assert_eq!(
+        idempotency::purge_expired(&app.pool, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 hours'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        idempotency::purge_expired(&app.pool, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        1
+    );
+    let again = app.deposit(id, 5, Some("k-old")).await;
+    assert_eq!(again.status, 200);
+    assert!(again.headers.get("idempotent-replayed").is_none());
+    assert_eq!(app.balance_from_events(id).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_idempotency_key_is_400() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    let long = "k".repeat(256);
+    for key in ["", "with space", long.as_str()] {
+        app.deposit(id, 5, Some(key))
+            .await
+            .assert_problem(400, "invalid_idempotency_key");
+    }
+    assert_eq!(app.balance_from_events(id).await, 0);
+}
