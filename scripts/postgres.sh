@@ -1,0 +1,46 @@
+# Shared by scripts/run.sh and scripts/test.sh: make sure PostgreSQL runs on 127.0.0.1:5432
+# and find a URL of a role that may create databases. Source it; it defines functions only.
+
+log() { printf '\033[1m[%s]\033[0m %s\n' "$(basename "$0")" "$*" >&2; }
+
+PGHOST_ADDR=${PGHOST_ADDR:-127.0.0.1}
+PGPORT_NUM=${PGPORT_NUM:-5432}
+
+pg_up() { pg_isready -q -h "$PGHOST_ADDR" -p "$PGPORT_NUM" 2>/dev/null; }
+
+ensure_postgres() {
+  if ! command -v pg_isready >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_isready >/dev/null 2>&1; then
+    log "PostgreSQL is not installed: installing it from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq postgresql postgresql-client >/dev/null
+  fi
+  if ! command -v pg_isready >/dev/null 2>&1; then
+    PATH="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1):$PATH"
+    export PATH
+  fi
+  if ! pg_up; then
+    log "PostgreSQL is not running: starting it"
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$version" ] && command -v pg_ctlcluster >/dev/null 2>&1; then
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    fi
+  fi
+  for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
+  pg_up || { log "PostgreSQL did not come up on $PGHOST_ADDR:$PGPORT_NUM"; exit 1; }
+}
+
+# The URL of a role that may create databases. Trust auth (this machine kind) needs no
+# password; a stock Debian install asks for one, so give the postgres role a known one.
+admin_url() {
+  if [ -n "${DATABASE_URL:-}" ]; then echo "$DATABASE_URL"; return; fi
+  local trust="postgres://postgres@$PGHOST_ADDR:$PGPORT_NUM/postgres"
+  if psql "$trust" -qAtc 'select 1' >/dev/null 2>&1; then echo "$trust"; return; fi
+  local with_password="postgres://postgres:postgres@$PGHOST_ADDR:$PGPORT_NUM/postgres"
+  if ! psql "$with_password" -qAtc 'select 1' >/dev/null 2>&1; then
+    log "setting a password on the postgres role (local peer authentication)"
+    su postgres -c "psql -qc \"ALTER ROLE postgres PASSWORD 'postgres'\"" >/dev/null
+  fi
+  echo "$with_password"
+}
+

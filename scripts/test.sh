@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every test of the ledger on this machine, setting up what the tests need first:
+#   1. PostgreSQL on 127.0.0.1:5432 (installed from Debian's packages and started if missing),
+#   2. a `ledger_test` database with every migration applied (through `ledger-command migrate`),
+#   3. the workspace binaries (the end-to-end tests start them as processes),
+# then runs the whole test suite (cargo-nextest when installed, cargo test otherwise).
+# Each test creates its own database next to `ledger_test`; they are dropped at the end.
+#
+# Usage: scripts/test.sh [extra arguments for the test runner, e.g. a test name filter]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=scripts/postgres.sh
+. scripts/postgres.sh
+
+drop_test_databases() {
+  local admin=$1
+  psql "$admin" -qAtc "SELECT datname FROM pg_database WHERE datname ~ '^ledger_(test|e2e)_'" 2>/dev/null |
+    while read -r db; do psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
+}
+
+ensure_postgres
+ADMIN_URL=$(admin_url)
+BASE_URL=${ADMIN_URL%/*}
+drop_test_databases "$ADMIN_URL"
+trap 'drop_test_databases "$ADMIN_URL"' EXIT
+
+if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledger_test'")" != "1" ]; then
+  log "creating database ledger_test"
+  psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
+fi
+export DATABASE_URL="$BASE_URL/ledger_test"
+
+log "building the workspace binaries"
+cargo build --workspace --bins --locked
+
+log "applying migrations to ledger_test"
+LOG_FORMAT=pretty ./target/debug/ledger-command migrate
+
+log "running the tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi
