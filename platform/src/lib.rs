@@ -10,9 +10,11 @@
 //!   start-up check that the schema is current.
 //! - [`http`]: RFC 9457 problem details, the JSON extractor whose rejections are problems,
 //!   request ids, fallbacks and the health routes.
+//! - [`testing`]: fresh databases for tests.
 
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod shutdown;
 pub mod telemetry;
+pub mod testing;

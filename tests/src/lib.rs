@@ -3,36 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, Executor};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-/// The server the tests create databases on (`DATABASE_URL`, set by `scripts/test.sh`).
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Creates an empty database and returns its URL.
-pub async fn empty_database() -> String {
-    let admin = PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL parses");
-    let name = format!("ledger_e2e_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect_with(&admin)
-        .await
-        .expect("PostgreSQL reachable (run through scripts/test.sh)");
-    conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-        .await
-        .expect("create database");
-    format!(
-        "{}/{name}",
-        admin_url().rsplit_once('/').expect("URL has a path").0
-    )
-}
+pub use ledger_platform::testing::{empty_database, fresh_database};
 
 /// Path of a workspace binary built next to this test (`cargo build --bins` first).
 pub fn binary(name: &str) -> PathBuf {

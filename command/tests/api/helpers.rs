@@ -1,46 +1,16 @@
 //! `spawn_app()`, fresh databases, named request helpers.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use ledger_command::config::Cli;
 use ledger_command::startup::Application;
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Executor, PgPool};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
 use uuid::Uuid;
 
-/// The server the tests create their databases on.
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A new, migrated database; returns its URL and a pool.
-pub async fn fresh_database() -> (String, PgPool) {
-    let admin = PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is a postgres URL");
-    let name = format!("ledger_test_{}", Uuid::new_v4().simple());
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&admin)
-        .await
-        .expect("PostgreSQL reachable at DATABASE_URL (run the tests through scripts/test.sh)");
-    conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-        .await
-        .expect("create test database");
-    let options = admin.database(&name);
-    let pool = PgPoolOptions::new()
-        .max_connections(5)
-        .connect_with(options.clone())
-        .await
-        .expect("connect to test database");
-    ledger_platform::db::migrate(&pool).await.expect("migrate");
-    let url = format!(
-        "{}/{}",
-        admin_url().rsplit_once('/').expect("url has a path").0,
-        name
-    );
-    (url, pool)
-}
+pub use ledger_platform::testing::fresh_database;
 
 /// A running command API on a random port over its own database.
 pub struct TestApp {
