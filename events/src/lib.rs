@@ -13,6 +13,7 @@
 //! - [`envelope`]: [`RecordedEvent`], an event as stored: id, aggregate, per-aggregate
 //!   sequence, global position, time, metadata.
 //! - [`upcast`]: how payloads written by older versions are read by today's code.
+//! - [`kafka`]: the Kafka message format (CloudEvents binary mode) and its decoding.
 //!
 //! # Versioning rules
 //!
@@ -22,6 +23,7 @@
 
 pub mod account;
 pub mod envelope;
+pub mod kafka;
 pub mod metadata;
 pub mod money;
 pub mod upcast;

@@ -56,6 +56,14 @@ impl Metadata {
         map
     }
 
+    /// The W3C trace context of the request that produced the event, when it had one.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.extra
+            .get(TRACEPARENT)
+            .map(String::as_str)
+            .filter(|value| is_valid_traceparent(value))
+    }
+
     /// Reads the flat string map back.
     pub fn from_map(mut map: HashMap<String, String>) -> Self {
         Self {
@@ -68,6 +76,34 @@ impl Metadata {
             extra: map,
         }
     }
+}
+
+/// The metadata key of the W3C `traceparent`.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Whether `value` is a version-00 W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`, with
+/// neither id all zeros.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+/// A new `traceparent` starting a trace (random ids, sampled).
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &span[..16])
 }
 
 #[cfg(test)]
@@ -97,5 +133,22 @@ mod tests {
         assert_eq!(Metadata::from_map(map), metadata);
         let json = serde_json::to_value(&metadata).unwrap();
         assert_eq!(serde_json::from_value::<Metadata>(json).unwrap(), metadata);
+    }
+
+    #[test]
+    fn traceparents_are_validated_and_new_ones_are_valid() {
+        assert!(is_valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert!(!is_valid_traceparent(bad), "{bad}");
+        }
+        assert!(is_valid_traceparent(&new_traceparent()));
     }
 }
