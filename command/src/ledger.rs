@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::domain::{Account, AccountCommand, AccountError};
 use crate::idempotency;
 use crate::store::{self, AccountStore};
+use ledger_store::positions;
 
 /// One command with its metadata.
 #[derive(Debug, Clone)]
@@ -142,7 +143,7 @@ impl Ledger {
                         .last()
                         .and_then(|e| i64::try_from(e.sequence).ok())
                         .ok_or_else(|| LedgerError::Internal("commit returned no events".into()))?;
-                    let position = store::global_position(
+                    let position = positions::global_position(
                         &self.pool,
                         ACCOUNT_AGGREGATE_TYPE,
                         &aggregate_id,

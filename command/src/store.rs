@@ -1,5 +1,5 @@
-//! The event store: postgres-es's repository behind cqrs-es's `PersistedEventStore`, plus the
-//! few reads postgres-es does not offer (the global position of an appended event).
+//! The event store: postgres-es's repository behind cqrs-es's `PersistedEventStore`.
+//! Reads postgres-es does not offer come from `ledger_store`.
 //!
 //! [`LedgerRepository`] wraps `PostgresEventRepository` for one reason: when postgres-es
 //! updates a snapshot it commits the events *before* it checks that the snapshot row was
@@ -62,19 +62,15 @@ impl LedgerRepository {
         let Some(command_id) = first.metadata.get("command_id").and_then(Value::as_str) else {
             return Ok(false);
         };
-        let found: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3
-                AND metadata ->> 'command_id' = $4",
+        ledger_store::positions::appended_by(
+            &self.pool,
+            A::TYPE,
+            &first.aggregate_id,
+            i64::try_from(first.sequence).unwrap_or(i64::MAX),
+            command_id,
         )
-        .bind(A::TYPE)
-        .bind(&first.aggregate_id)
-        .bind(i64::try_from(first.sequence).unwrap_or(i64::MAX))
-        .bind(command_id)
-        .fetch_optional(&self.pool)
         .await
-        .map_err(|err| PersistenceError::ConnectionError(Box::new(err)))?;
-        Ok(found.is_some())
+        .map_err(|err| PersistenceError::ConnectionError(Box::new(err)))
     }
 }
 
@@ -133,22 +129,4 @@ impl PersistedEventRepository for LedgerRepository {
     async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
         self.inner.stream_all_events::<A>().await
     }
-}
-
-/// The global position of one stored event.
-pub async fn global_position(
-    pool: &PgPool,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    sequence: i64,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT global_position FROM events
-          WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-    )
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .bind(sequence)
-    .fetch_optional(pool)
-    .await
 }

@@ -11,14 +11,15 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{extract::State, Router};
+use ledger_events::metadata::TRACEPARENT;
 use ledger_events::{Amount, Currency, Metadata};
-use ledger_platform::http::{Json, Path, RequestId};
+use ledger_platform::http::{Json, Path};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::headers::{CorrelationId, IdempotencyKey};
+use super::headers::CommandHeaders;
 use super::AppState;
 use crate::domain::{AccountCommand, AccountStatus};
 use crate::idempotency::{self, StoredResponse};
@@ -99,9 +100,7 @@ impl From<&Outcome> for AccountResponse {
 
 /// What every command handler knows about its request.
 struct CommandRequest {
-    request_id: String,
-    correlation_id: Option<String>,
-    key: Option<String>,
+    headers: CommandHeaders,
     fingerprint: String,
     success: StatusCode,
 }
@@ -110,33 +109,42 @@ impl CommandRequest {
     fn new(
         method: &Method,
         uri: &Uri,
-        body: Value,
-        request_id: RequestId,
-        correlation_id: CorrelationId,
-        key: IdempotencyKey,
+        body: &Value,
+        headers: CommandHeaders,
         success: StatusCode,
     ) -> Self {
         Self {
-            fingerprint: idempotency::fingerprint(method.as_str(), uri.path(), &body),
-            request_id: request_id.0,
-            correlation_id: correlation_id.0,
-            key: key.0,
+            fingerprint: idempotency::fingerprint(method.as_str(), uri.path(), body),
+            headers,
             success,
         }
     }
 
+    fn key(&self) -> Option<&str> {
+        self.headers.idempotency_key.as_deref()
+    }
+
     fn metadata(&self) -> Metadata {
-        Metadata {
-            request_id: Some(self.request_id.clone()),
+        let headers = &self.headers;
+        let mut metadata = Metadata {
+            request_id: Some(headers.request_id.clone()),
             correlation_id: Some(
-                self.correlation_id
+                headers
+                    .correlation_id
                     .clone()
-                    .unwrap_or_else(|| self.request_id.clone()),
+                    .unwrap_or_else(|| headers.request_id.clone()),
             ),
-            idempotency_key: self.key.clone(),
-            request_hash: self.key.as_ref().map(|_| self.fingerprint.clone()),
+            idempotency_key: headers.idempotency_key.clone(),
+            request_hash: headers
+                .idempotency_key
+                .as_ref()
+                .map(|_| self.fingerprint.clone()),
             ..Metadata::default()
-        }
+        };
+        metadata
+            .extra
+            .insert(TRACEPARENT.to_owned(), headers.traceparent.clone());
+        metadata
     }
 }
 
@@ -145,48 +153,27 @@ async fn open(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
-    request_id: RequestId,
-    correlation_id: CorrelationId,
-    key: IdempotencyKey,
+    headers: CommandHeaders,
     Json(body): Json<OpenAccountRequest>,
 ) -> Result<Response, ApiError> {
     let currency = parse_currency(&body.currency)?;
     let owner = check_text("owner", &body.owner, MAX_OWNER_CHARS)?;
-    let request = CommandRequest::new(
-        &method,
-        &uri,
-        json!(body),
-        request_id,
-        correlation_id,
-        key,
-        StatusCode::CREATED,
-    );
+    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::CREATED);
     let command = AccountCommand::Open { owner, currency };
     run(&state, request, Uuid::now_v7(), command).await
 }
 
 #[tracing::instrument(skip_all, fields(%account_id))]
-#[allow(clippy::too_many_arguments)]
 async fn deposit(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
-    request_id: RequestId,
-    correlation_id: CorrelationId,
-    key: IdempotencyKey,
+    headers: CommandHeaders,
     Path(account_id): Path<Uuid>,
     Json(body): Json<MoneyRequest>,
 ) -> Result<Response, ApiError> {
     let (amount, currency, reference) = parse_money(&body)?;
-    let request = CommandRequest::new(
-        &method,
-        &uri,
-        json!(body),
-        request_id,
-        correlation_id,
-        key,
-        StatusCode::OK,
-    );
+    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
     let command = AccountCommand::Deposit {
         amount,
         currency,
@@ -196,27 +183,16 @@ async fn deposit(
 }
 
 #[tracing::instrument(skip_all, fields(%account_id))]
-#[allow(clippy::too_many_arguments)]
 async fn withdraw(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
-    request_id: RequestId,
-    correlation_id: CorrelationId,
-    key: IdempotencyKey,
+    headers: CommandHeaders,
     Path(account_id): Path<Uuid>,
     Json(body): Json<MoneyRequest>,
 ) -> Result<Response, ApiError> {
     let (amount, currency, reference) = parse_money(&body)?;
-    let request = CommandRequest::new(
-        &method,
-        &uri,
-        json!(body),
-        request_id,
-        correlation_id,
-        key,
-        StatusCode::OK,
-    );
+    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
     let command = AccountCommand::Withdraw {
         amount,
         currency,
@@ -231,20 +207,10 @@ async fn close(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
-    request_id: RequestId,
-    correlation_id: CorrelationId,
-    key: IdempotencyKey,
+    headers: CommandHeaders,
     Path(account_id): Path<Uuid>,
 ) -> Result<Response, ApiError> {
-    let request = CommandRequest::new(
-        &method,
-        &uri,
-        Value::Null,
-        request_id,
-        correlation_id,
-        key,
-        StatusCode::OK,
-    );
+    let request = CommandRequest::new(&method, &uri, &Value::Null, headers, StatusCode::OK);
     run(&state, request, account_id, AccountCommand::Close).await
 }
 
@@ -260,7 +226,7 @@ async fn run(
         command,
         metadata: request.metadata(),
     };
-    let Some(key) = request.key.as_deref() else {
+    let Some(key) = request.key() else {
         let outcome = state.ledger.execute(intent).await?;
         return Ok(render(&success(&outcome, request.success), false));
     };

@@ -1,14 +1,55 @@
-//! Request headers the command API reads: `Idempotency-Key` and `X-Correlation-Id`.
+//! Request headers the command API reads: `Idempotency-Key`, `X-Correlation-Id` and the W3C
+//! `traceparent`, gathered with the request id into [`CommandHeaders`].
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, StatusCode};
-use ledger_platform::http::Problem;
+use ledger_events::metadata::{is_valid_traceparent, new_traceparent};
+use ledger_platform::http::{Problem, RequestId};
 
 /// The header carrying the client's idempotency key.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The header carrying a client-chosen correlation id.
 pub static CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+/// The W3C trace context header.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Everything a command takes from its request's headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandHeaders {
+    /// The request id (the client's or a new one).
+    pub request_id: String,
+    /// The client's correlation id, if sensible.
+    pub correlation_id: Option<String>,
+    /// The client's idempotency key, if sent.
+    pub idempotency_key: Option<String>,
+    /// The client's `traceparent` if valid, else a new trace.
+    pub traceparent: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(RequestId(request_id)) = RequestId::from_request_parts(parts, state).await;
+        let Ok(CorrelationId(correlation_id)) =
+            CorrelationId::from_request_parts(parts, state).await;
+        let IdempotencyKey(idempotency_key) =
+            IdempotencyKey::from_request_parts(parts, state).await?;
+        let traceparent = parts
+            .headers
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_valid_traceparent(v))
+            .map_or_else(new_traceparent, str::to_owned);
+        Ok(Self {
+            request_id,
+            correlation_id,
+            idempotency_key,
+            traceparent,
+        })
+    }
+}
 
 /// Longest accepted key.
 const MAX_KEY_LEN: usize = 255;

@@ -84,6 +84,10 @@ async fn the_request_id_is_echoed_and_stored_in_event_metadata() {
                 .post(format!("{}/v1/accounts/{id}/deposits", app.address))
                 .header("X-Request-Id", "req-abc-123")
                 .header("X-Correlation-Id", "flow-9")
+                .header(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
                 .json(&json!({"amount": 7, "currency": "EUR"})),
         )
         .await;
@@ -93,6 +97,10 @@ async fn the_request_id_is_echoed_and_stored_in_event_metadata() {
     let metadata = &events[1].3;
     assert_eq!(metadata["request_id"], "req-abc-123");
     assert_eq!(metadata["correlation_id"], "flow-9");
+    assert_eq!(
+        metadata["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
     assert!(metadata["command_id"].as_str().is_some());
     assert!(metadata["causation_id"].as_str().is_some());
 
@@ -102,4 +110,10 @@ async fn the_request_id_is_echoed_and_stored_in_event_metadata() {
     assert!(uuid::Uuid::parse_str(&generated).is_ok());
     let events = app.events_of(id).await;
     assert_eq!(events[2].3["request_id"], generated.as_str());
+    // ...and a new trace is started.
+    let traceparent = events[2].3["traceparent"].as_str().unwrap();
+    assert!(
+        ledger_events::metadata::is_valid_traceparent(traceparent),
+        "{traceparent}"
+    );
 }
