@@ -1,0 +1,194 @@
+//! Reading the log in commit-safe order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ledger_events::{Metadata, RecordedEvent};
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The channel `events` inserts notify on (see the `log_readers` migration).
+pub const CHANNEL: &str = "ledger_events";
+
+/// A place in the log: after every event whose `(transaction_id, global_position)` is at
+/// most this. The default is the start of the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogCursor {
+    /// xid8 of the event's transaction (fits i64 for the life of any cluster).
+    pub transaction_id: i64,
+    /// The event's global position.
+    pub global_position: i64,
+}
+
+/// One event read from the log, with the cursor just past it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// Resume after this to read the next event.
+    pub cursor: LogCursor,
+    /// The event as stored.
+    pub event: RecordedEvent,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    transaction_id: i64,
+    global_position: i64,
+    event_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: Value,
+    metadata: Value,
+    recorded_at: DateTime<Utc>,
+}
+
+/// Up to `limit` events after `after`, in commit-safe order, never past an event whose
+/// transaction might still commit.
+#[tracing::instrument(skip(pool), level = "debug")]
+pub async fn read_after(
+    pool: &PgPool,
+    after: LogCursor,
+    limit: i64,
+) -> Result<Vec<LogEntry>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
+                aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload, metadata, recorded_at
+           FROM events
+          WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY transaction_id, global_position
+          LIMIT $3",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Row::into_entry).collect())
+}
+
+impl Row {
+    fn into_entry(self) -> LogEntry {
+        LogEntry {
+            cursor: LogCursor {
+                transaction_id: self.transaction_id,
+                global_position: self.global_position,
+            },
+            event: RecordedEvent {
+                event_id: self.event_id,
+                aggregate_type: self.aggregate_type,
+                aggregate_id: self.aggregate_id,
+                sequence: self.sequence,
+                global_position: self.global_position,
+                recorded_at: self.recorded_at,
+                event_type: self.event_type,
+                event_version: self.event_version,
+                payload: self.payload,
+                metadata: metadata_of(self.metadata),
+            },
+        }
+    }
+}
+
+/// Metadata is a flat object of strings; anything else in it is dropped, never fatal.
+fn metadata_of(value: Value) -> Metadata {
+    let map: HashMap<String, String> = match value {
+        Value::Object(fields) => fields
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                Value::String(s) => Some((k, s)),
+                _ => None,
+            })
+            .collect(),
+        _ => HashMap::new(),
+    };
+    Metadata::from_map(map)
+}
+
+/// How far behind the head of the log a cursor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lag {
+    /// Committed events after the cursor (including any past the watermark).
+    pub events: i64,
+    /// When the oldest of them was recorded.
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+impl Lag {
+    /// Seconds since the oldest unread event was recorded (0 when caught up).
+    pub fn seconds(&self, now: DateTime<Utc>) -> f64 {
+        self.oldest
+            .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+    }
+}
+
+/// The lag of `cursor`.
+pub async fn lag(pool: &PgPool, cursor: LogCursor) -> Result<Lag, sqlx::Error> {
+    let (events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*), min(recorded_at) FROM events
+          WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
+    )
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.global_position)
+    .fetch_one(pool)
+    .await?;
+    Ok(Lag { events, oldest })
+}
+
+/// Wake-ups when events are committed.
+#[derive(Debug)]
+pub struct LogNotifications {
+    listener: Option<PgListener>,
+    pool: PgPool,
+}
+
+impl LogNotifications {
+    /// Listens on the pool's database. A failure to listen is not fatal: callers then
+    /// fall back to polling, and listening is retried on the next wait.
+    pub async fn new(pool: &PgPool) -> Self {
+        let mut notifications = Self {
+            listener: None,
+            pool: pool.clone(),
+        };
+        notifications.connect().await;
+        notifications
+    }
+
+    async fn connect(&mut self) {
+        match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(CHANNEL).await {
+                Ok(()) => self.listener = Some(listener),
+                Err(err) => tracing::warn!(error = %err, "cannot LISTEN; polling"),
+            },
+            Err(err) => tracing::warn!(error = %err, "cannot open a listener; polling"),
+        }
+    }
+
+    /// Returns after a commit notification or after `timeout`, whichever comes first.
+    pub async fn wait(&mut self, timeout: Duration) {
+        if self.listener.is_none() {
+            self.connect().await;
+        }
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        match tokio::time::timeout(timeout, listener.recv()).await {
+            Ok(Ok(_)) => {
+                // Drain what else arrived meanwhile: one read serves them all.
+                while listener.next_buffered().is_some() {}
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "notification listener failed; reconnecting");
+                self.listener = None;
+            }
+            Err(_) => {}
+        }
+    }
+}
