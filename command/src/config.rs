@@ -2,12 +2,11 @@
 //! A bad value stops the process with a message naming the variable.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ledger_platform::config::{parse_database_url, DatabaseUrl};
 use ledger_platform::telemetry::LogFormat;
-use sqlx::postgres::PgConnectOptions;
 
 /// The command API of the ledger.
 #[derive(Debug, Parser)]
@@ -76,32 +75,6 @@ pub struct Settings {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
-}
-
-/// The database URL; its `Debug` hides the password.
-#[derive(Clone)]
-pub struct DatabaseUrl(pub PgConnectOptions);
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "postgres://{}@{}:{}/{}",
-            self.0.get_username(),
-            self.0.get_host(),
-            self.0.get_port(),
-            self.0.get_database().unwrap_or_default()
-        )
-    }
-}
-
-fn parse_database_url(value: &str) -> Result<DatabaseUrl, String> {
-    if !(value.starts_with("postgres://") || value.starts_with("postgresql://")) {
-        return Err("must be a postgres:// or postgresql:// URL".into());
-    }
-    PgConnectOptions::from_str(value)
-        .map(DatabaseUrl)
-        .map_err(|err| err.to_string())
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 //! failure name the variable, e.g. `DATABASE_MAX_CONNECTIONS=abc: invalid digit found in string`.
 
 use std::error::Error as _;
+use std::str::FromStr;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::Parser;
+use sqlx::postgres::PgConnectOptions;
 
 /// Parses `T` from the process's arguments and environment. A bad or missing setting ends
 /// the process with exit code 2 and one line per problem naming the environment variable.
@@ -103,6 +105,33 @@ fn env_of(command: &clap::Command, printed: &str) -> Option<(String, bool)> {
     command
         .get_subcommands()
         .find_map(|sub| env_of(sub, printed))
+}
+
+/// The database URL; its `Debug` hides the password.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub PgConnectOptions);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.0.get_username(),
+            self.0.get_host(),
+            self.0.get_port(),
+            self.0.get_database().unwrap_or_default()
+        )
+    }
+}
+
+/// Parses a `postgres://` URL (for `value_parser`).
+pub fn parse_database_url(value: &str) -> Result<DatabaseUrl, String> {
+    if !(value.starts_with("postgres://") || value.starts_with("postgresql://")) {
+        return Err("must be a postgres:// or postgresql:// URL".into());
+    }
+    PgConnectOptions::from_str(value)
+        .map(DatabaseUrl)
+        .map_err(|err| err.to_string())
 }
 
 #[cfg(test)]
