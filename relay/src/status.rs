@@ -1,0 +1,66 @@
+//! `/healthz`, `/readyz` (PostgreSQL and the broker reachable) and `/status` (leadership,
+//! position, lag, last error) of the relay.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use ledger_platform::http::{fallback, request_id, Problem};
+use rdkafka::producer::FutureProducer;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::kafka;
+use crate::relay::{SharedStatus, Status};
+
+/// Shared state of the status routes.
+#[derive(Clone)]
+pub struct StatusState {
+    /// The relay's status.
+    pub status: SharedStatus,
+    /// For readiness.
+    pub pool: PgPool,
+    /// For readiness.
+    pub producer: FutureProducer,
+    /// The topic whose metadata readiness asks for.
+    pub topic: String,
+}
+
+impl std::fmt::Debug for StatusState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusState")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The routes.
+pub fn router(state: StatusState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/status", get(status))
+        .with_state(state)
+        .fallback(fallback::not_found)
+        .layer(middleware::from_fn(request_id::layer))
+}
+
+async fn status(State(state): State<StatusState>) -> Json<Status> {
+    Json(state.status.lock().map(|s| s.clone()).unwrap_or_default())
+}
+
+async fn ready(State(state): State<StatusState>) -> Result<Json<Value>, Problem> {
+    let timeout = Duration::from_secs(2);
+    let postgres = ledger_platform::db::ping(&state.pool, timeout).await;
+    let broker = kafka::reachable(&state.producer, &state.topic, timeout).await;
+    let checks = json!({
+        "postgres": if postgres { "ok" } else { "down" },
+        "broker": if broker { "ok" } else { "down" },
+    });
+    if postgres && broker {
+        Ok(Json(json!({"status": "ready", "checks": checks})))
+    } else {
+        Err(Problem::unavailable("a dependency of the relay is unreachable").with("checks", checks))
+    }
+}
