@@ -52,7 +52,6 @@ fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
 pub struct Relay {
     settings: Settings,
     pool: PgPool,
-    producer: FutureProducer,
     status: SharedStatus,
 }
 
@@ -70,8 +69,11 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Relay {
-    /// A relay over `pool` publishing with `producer`.
-    pub fn new(settings: Settings, pool: PgPool, producer: FutureProducer) -> Self {
+    /// A relay over `pool`. It makes its own producer when it becomes leader, and a fresh
+    /// one after every failed batch: an idempotent producer can be left unusable by a
+    /// broker that lost its state (unknown producer id), and the batch is re-sent from the
+    /// checkpoint anyway.
+    pub fn new(settings: Settings, pool: PgPool) -> Self {
         let status = Arc::new(Mutex::new(Status {
             name: settings.relay_name.clone(),
             ..Status::default()
@@ -79,7 +81,6 @@ impl Relay {
         Self {
             settings,
             pool,
-            producer,
             status,
         }
     }
@@ -120,15 +121,6 @@ impl Relay {
                 }
             }
         }
-        let flushed = tokio::task::spawn_blocking({
-            let producer = self.producer.clone();
-            let timeout = self.settings.shutdown_timeout;
-            move || producer.flush(timeout)
-        })
-        .await;
-        if !matches!(flushed, Ok(Ok(()))) {
-            tracing::warn!("producer queue not empty at shutdown; the next leader re-sends");
-        }
         tracing::info!("relay stopped");
     }
 
@@ -144,6 +136,14 @@ impl Relay {
             }
         };
         self.report_position(cursor);
+        let mut producer = match crate::kafka::producer(&self.settings) {
+            Ok(producer) => producer,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot configure the producer");
+                leadership.release().await;
+                return;
+            }
+        };
         let mut notifications = LogNotifications::new(&self.pool).await;
         let mut backoff = Duration::from_millis(100);
         let mut batches = 0u64;
@@ -185,7 +185,7 @@ impl Relay {
                     .shutdown_timeout
                     .max(self.settings.kafka_message_timeout),
                 kafka::publish(
-                    &self.producer,
+                    &producer,
                     &self.settings.kafka_topic,
                     &self.settings.cloudevents_source,
                     &batch,
@@ -216,14 +216,40 @@ impl Relay {
                     self.report_position(cursor);
                     tracing::debug!(count, position = last.global_position, "batch published");
                 }
-                Ok(Err(err)) => self.failed(&err.to_string(), &mut backoff, stop).await,
+                Ok(Err(err)) => {
+                    self.failed(&err.to_string(), &mut backoff, stop).await;
+                    producer = self.renew(producer);
+                }
                 Err(_) => {
                     self.failed("broker confirmation timed out", &mut backoff, stop)
-                        .await
+                        .await;
+                    producer = self.renew(producer);
                 }
             }
         }
+        let flushed = tokio::task::spawn_blocking({
+            let timeout = self.settings.shutdown_timeout;
+            move || producer.flush(timeout)
+        })
+        .await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("producer queue not empty at shutdown; the next leader re-sends");
+        }
         leadership.release().await;
+    }
+
+    /// A fresh producer in place of `old` (kept if a new one cannot be configured).
+    fn renew(&self, old: FutureProducer) -> FutureProducer {
+        match crate::kafka::producer(&self.settings) {
+            Ok(fresh) => {
+                tracing::info!("producer renewed after a failed batch");
+                fresh
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot renew the producer; keeping the old one");
+                old
+            }
+        }
     }
 
     async fn failed(&self, error: &str, backoff: &mut Duration, stop: &mut watch::Receiver<bool>) {

@@ -45,6 +45,7 @@ impl Application {
         )
         .await?;
         ledger_platform::db::ensure_schema_current(&pool).await?;
+        // For readiness checks only; the relay makes its own producers.
         let producer = kafka::producer(&settings)?;
         if let Err(err) = kafka::ensure_topic(&settings).await {
             tracing::warn!(error = %err, "cannot create the topic now; publishing waits for the broker");
@@ -56,7 +57,7 @@ impl Application {
                 source,
             })?;
         let topic = settings.kafka_topic.clone();
-        let relay = Relay::new(settings, pool.clone(), producer.clone());
+        let relay = Relay::new(settings, pool.clone());
         let router = status::router(StatusState {
             status: relay.status(),
             pool,

@@ -1,0 +1,151 @@
+//! Child processes: the workspace binaries, their logs, signals and exit codes.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Path of a workspace binary built next to this test (`cargo build --bins` first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (scripts/test.sh does: cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A child process with its stderr lines collected.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Every stderr line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Process {
+    /// Starts `binary` with `args` and `env` (plus `LOG_FORMAT=json`).
+    pub fn start(binary: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("binary starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`, up to `deadline`; returns it.
+    pub async fn wait_for_line(&mut self, needle: &str, deadline: Duration) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let start = Instant::now();
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!(
+                    "process ended before logging {needle:?}; it logged:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {deadline:?}; seen:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Collects the remaining stderr lines (after the process ended).
+    pub async fn drain(&mut self) -> Vec<String> {
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+        {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("process still running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits")),
+            signal,
+        )
+        .expect("signal sent");
+    }
+
+    /// Waits for the exit status, up to `deadline`.
+    pub async fn exit_code(&mut self, deadline: Duration) -> i32 {
+        let status = tokio::time::timeout(deadline, self.child.wait())
+            .await
+            .expect("process exits in time")
+            .expect("wait works");
+        status.code().unwrap_or(-1)
+    }
+}
+
+/// Asks the OS for a free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `url` answers 200, up to `deadline`.
+pub async fn wait_until_ready(url: &str, deadline: Duration) {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(response) = client.get(url).send().await {
+            if response.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{url} not ready within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
