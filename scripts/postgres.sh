@@ -44,3 +44,9 @@ admin_url() {
   echo "$with_password"
 }
 
+# Drops the per-test databases (ledger_test_<id>, ledger_e2e_<id>) left by earlier runs.
+drop_test_databases() {
+  local admin=$1
+  psql "$admin" -qAtc "SELECT datname FROM pg_database WHERE datname ~ '^ledger_(test|e2e)_'" 2>/dev/null |
+    while read -r db; do psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
+}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the ledger locally: makes sure PostgreSQL is up, creates the `ledger` database,
 # applies migrations, then serves the command API on http://127.0.0.1:8080 (Ctrl-C stops it).
-# Settings come from the environment (see README.md, "Configuration").
+# With KAFKA_BROKERS set (e.g. KAFKA_BROKERS=127.0.0.1:9092) it also runs the relay, which
+# publishes every event to that broker. Settings come from the environment (README.md,
+# "Configuration").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/postgres.sh
@@ -18,5 +20,13 @@ export LOG_FORMAT=${LOG_FORMAT:-pretty}
 
 cargo build --release --bins --locked
 ./target/release/ledger-command migrate
+if [ -n "${KAFKA_BROKERS:-}" ]; then
+  log "relay publishing to $KAFKA_BROKERS; status on http://${RELAY_LISTEN_ADDR:-127.0.0.1:8081}/status"
+  ./target/release/ledger-relay &
+  relay_pid=$!
+  trap 'kill -TERM "$relay_pid" 2>/dev/null; wait "$relay_pid" 2>/dev/null' EXIT
+else
+  log "no KAFKA_BROKERS: events stay in PostgreSQL (no relay)"
+fi
 log "command API on http://${COMMAND_LISTEN_ADDR:-127.0.0.1:8080}"
-exec ./target/release/ledger-command serve
+./target/release/ledger-command serve

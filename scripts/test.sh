@@ -2,7 +2,9 @@
 # Runs every test of the ledger on this machine, setting up what the tests need first:
 #   1. PostgreSQL on 127.0.0.1:5432 (installed from Debian's packages and started if missing),
 #   2. a `ledger_test` database with every migration applied (through `ledger-command migrate`),
-#   3. the workspace binaries (the end-to-end tests start them as processes),
+#   3. the tansu Kafka-protocol broker, installed once per machine under ~/.local/tansu (the
+#      end-to-end tests start one broker per test on a free loopback port and stop it after),
+#   4. the workspace binaries (the end-to-end tests start them as processes),
 # then runs the whole test suite (cargo-nextest when installed, cargo test otherwise).
 # Each test creates its own database next to `ledger_test`; they are dropped at the end.
 #
@@ -12,12 +14,8 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/postgres.sh
 . scripts/postgres.sh
-
-drop_test_databases() {
-  local admin=$1
-  psql "$admin" -qAtc "SELECT datname FROM pg_database WHERE datname ~ '^ledger_(test|e2e)_'" 2>/dev/null |
-    while read -r db; do psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
-}
+# shellcheck source=scripts/broker.sh
+. scripts/broker.sh
 
 ensure_postgres
 ADMIN_URL=$(admin_url)
@@ -30,6 +28,8 @@ if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledg
   psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
 fi
 export DATABASE_URL="$BASE_URL/ledger_test"
+
+ensure_tansu
 
 log "building the workspace binaries"
 cargo build --workspace --bins --locked

@@ -63,6 +63,41 @@ fn consumer(brokers: &str) -> BaseConsumer {
 /// Reads every message of `topic` until at least `distinct` different event ids have been
 /// seen (duplicates are kept), or panics at `deadline`. In offset order per partition.
 pub fn read_all(brokers: &str, topic: &str, distinct: usize, deadline: Duration) -> Vec<Received> {
+    let mut ids = std::collections::HashSet::new();
+    read_until(brokers, topic, deadline, |message| {
+        if let Some(message) = message {
+            ids.insert(message.event_id().to_owned());
+        }
+        ids.len() >= distinct
+    })
+    .unwrap_or_else(|seen| {
+        panic!(
+            "only {} of {distinct} events reached {topic} within {deadline:?}",
+            seen.iter().map(Received::event_id).collect::<std::collections::HashSet<_>>().len()
+        )
+    })
+}
+
+/// Reads `topic` from the beginning until no message came for `idle` (or `deadline`).
+pub fn read_available(brokers: &str, topic: &str, idle: Duration, deadline: Duration) -> Vec<Received> {
+    let mut last = Instant::now();
+    read_until(brokers, topic, deadline, |message| {
+        if message.is_some() {
+            last = Instant::now();
+        }
+        last.elapsed() >= idle
+    })
+    .unwrap_or_else(|seen| seen)
+}
+
+/// Reads from the beginning of every partition, giving `done` each message (or `None` after
+/// an empty poll) until it says so. `Err` with what was read when `deadline` passes first.
+fn read_until(
+    brokers: &str,
+    topic: &str,
+    deadline: Duration,
+    mut done: impl FnMut(Option<&Received>) -> bool,
+) -> Result<Vec<Received>, Vec<Received>> {
     let consumer = consumer(brokers);
     let start = Instant::now();
     let partitions: Vec<i32> = loop {
@@ -88,14 +123,17 @@ pub fn read_all(brokers: &str, topic: &str, distinct: usize, deadline: Duration)
     }
     consumer.assign(&assignment).expect("assign");
     let mut received = Vec::new();
-    let mut ids = std::collections::HashSet::new();
-    while ids.len() < distinct {
-        assert!(
-            start.elapsed() < deadline,
-            "only {} of {distinct} events reached {topic} within {deadline:?}",
-            ids.len()
-        );
-        if let Some(result) = consumer.poll(Duration::from_millis(200)) {
+    loop {
+        if start.elapsed() >= deadline {
+            return Err(received);
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            if done(None) {
+                return Ok(received);
+            }
+            continue;
+        };
+        {
             // Transient client errors (e.g. while the broker restarts) only delay reading.
             let Ok(message) = result else { continue };
             let headers = message
@@ -120,11 +158,13 @@ pub fn read_all(brokers: &str, topic: &str, distinct: usize, deadline: Duration)
                     .unwrap_or(serde_json::Value::Null),
                 headers,
             };
-            ids.insert(item.event_id().to_owned());
+            let stop = done(Some(&item));
             received.push(item);
+            if stop {
+                return Ok(received);
+            }
         }
     }
-    received
 }
 
 /// Asserts that, per aggregate, the first delivery of each event comes in sequence order

@@ -8,21 +8,26 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-/// Path of a workspace binary built next to this test (`cargo build --bins` first).
+pub use nix::sys::signal::Signal;
+
+/// Path of a workspace binary of the same build profile as the running executable (a test
+/// in `target/<profile>/deps/` or a tool in `target/<profile>/`).
+///
+/// # Panics
+/// When the binary is not built (`cargo build --workspace --bins` first).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first (scripts/test.sh does: cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates
+        .into_iter()
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing next to {}: build the binaries first (scripts/test.sh does: cargo build --workspace --bins)",
+                exe.display()
+            )
+        })
 }
 
 /// A child process with its stderr lines collected.

@@ -1,0 +1,214 @@
+//! `ledger-bench`: measures the ledger against ceilings taken in the same run, on this
+//! machine. Run it through `scripts/bench.sh`, which builds in release mode and sets up
+//! PostgreSQL and the broker.
+//!
+//! - `relay`: events/s from the store to the broker through `ledger-relay`, beside a
+//!   produce-only ceiling: the same messages, already in memory, sent by the same producer
+//!   code to the same broker.
+//! - `tail`: prints a topic's messages as a person reads them (key, headers, value), for
+//!   brokers that Debian's kcat cannot talk to (tansu).
+
+// A command-line report: printing is its output.
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use ledger_e2e::broker::Broker;
+use ledger_e2e::services::migrated_database;
+use ledger_e2e::{binary, free_port, Process};
+use ledger_relay::config::Settings as RelaySettings;
+use ledger_store::{read_after, LogCursor, LogEntry};
+use sqlx::{Connection, PgConnection};
+
+#[derive(Debug, Parser)]
+#[command(name = "ledger-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Relay throughput beside a produce-only ceiling.
+    Relay {
+        /// Accounts to spread the events over.
+        #[arg(long, default_value_t = 1_000)]
+        accounts: i64,
+        /// Events per account.
+        #[arg(long, default_value_t = 100)]
+        events_per_account: i64,
+        /// Topic partitions.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+    },
+    /// Print every message of a topic: key and headers on one line, the value on the next.
+    Tail {
+        /// Bootstrap servers.
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// The topic.
+        #[arg(long, env = "KAFKA_TOPIC", default_value = "ledger.events")]
+        topic: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().bench {
+        Bench::Relay {
+            accounts,
+            events_per_account,
+            partitions,
+        } => relay(accounts, events_per_account, partitions).await,
+        Bench::Tail { brokers, topic } => tail(&brokers, &topic),
+    }
+}
+
+/// Writes `accounts × per_account` deposit events straight into the store.
+async fn seed(url: &str, accounts: i64, per_account: i64) -> i64 {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'account', 'bench-' || a, s, 'MoneyDeposited', '2',
+                json_build_object('type', 'MoneyDeposited', 'amount', s, 'currency', 'EUR', 'reference', null),
+                json_build_object('request_id', 'bench-' || a || '-' || s, 'correlation_id', 'bench')
+           FROM generate_series(1, $1) a, generate_series(1, $2) s",
+    )
+    .bind(accounts)
+    .bind(per_account)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn relay(accounts: i64, per_account: i64, partitions: i32) {
+    let broker = Broker::start().await;
+    let url = migrated_database().await;
+    let total = seed(&url, accounts, per_account).await;
+    println!("relay benchmark: {total} events over {accounts} accounts, {partitions} partitions, broker tansu 0.6 (sqlite)");
+
+    // Ceiling: the same messages, read into memory first, produced by the relay's own
+    // producer code, in the relay's batch size.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut entries: Vec<LogEntry> = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let mut cursor = LogCursor::default();
+    loop {
+        let batch = read_after(&pool, cursor, 10_000).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor;
+        entries.extend(batch);
+    }
+    let settings: RelaySettings = ledger_platform::config::try_parse_from([
+        "ledger-relay",
+        "--database-url",
+        url.as_str(),
+        "--kafka-brokers",
+        broker.address.as_str(),
+        "--kafka-topic",
+        "ceiling",
+        "--kafka-topic-partitions",
+        &partitions.to_string(),
+    ])
+    .map_err(|e| format!("{e:?}"))
+    .unwrap();
+    ledger_relay::kafka::ensure_topic(&settings).await.unwrap();
+    let producer = ledger_relay::kafka::producer(&settings).unwrap();
+    let started = Instant::now();
+    for batch in entries.chunks(usize::try_from(settings.batch_size).unwrap_or(500)) {
+        ledger_relay::kafka::publish(&producer, "ceiling", "/bench", batch)
+            .await
+            .unwrap();
+    }
+    let ceiling = started.elapsed();
+
+    // The relay, as deployed: a release binary reading the store from the start.
+    let started = Instant::now();
+    let status_addr = format!("127.0.0.1:{}", free_port());
+    let partitions = partitions.to_string();
+    let mut relay = Process::start(
+        &binary("ledger-relay"),
+        &[],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("KAFKA_BROKERS", broker.address.as_str()),
+            ("KAFKA_TOPIC", "relay"),
+            ("KAFKA_TOPIC_PARTITIONS", partitions.as_str()),
+            ("RELAY_LISTEN_ADDR", status_addr.as_str()),
+            ("RUST_LOG", "warn"),
+        ],
+    );
+    let last_position: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    loop {
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT global_position FROM relay_checkpoints WHERE relay_name = 'main'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if done == Some(last_position) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "relay did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relayed = started.elapsed();
+    relay.signal(nix_sigterm());
+    let _ = relay.exit_code(Duration::from_secs(30)).await;
+
+    let rate = |d: Duration| total as f64 / d.as_secs_f64();
+    println!();
+    println!("| measure | events | seconds | events/s |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| produce-only ceiling (in-memory messages, same producer code) | {total} | {:.2} | {:.0} |",
+        ceiling.as_secs_f64(),
+        rate(ceiling)
+    );
+    println!(
+        "| ledger-relay (store → broker, checkpointed; includes process start) | {total} | {:.2} | {:.0} |",
+        relayed.as_secs_f64(),
+        rate(relayed)
+    );
+    println!();
+    println!(
+        "relay / ceiling = {:.2}",
+        ceiling.as_secs_f64() / relayed.as_secs_f64()
+    );
+}
+
+fn tail(brokers: &str, topic: &str) {
+    let messages = ledger_e2e::kafka::read_available(
+        brokers,
+        topic,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    for message in messages {
+        let mut headers: Vec<String> = message
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        headers.sort();
+        println!(
+            "{}/{} {} {}\n{}\n",
+            message.partition,
+            message.offset,
+            message.key,
+            headers.join(","),
+            message.value
+        );
+    }
+}
+
+fn nix_sigterm() -> ledger_e2e::process::Signal {
+    ledger_e2e::process::Signal::SIGTERM
+}

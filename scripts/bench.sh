@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs a benchmark against the real processes (release build), with its ceiling measured in
+# the same run. Sets up PostgreSQL and the broker like scripts/test.sh.
+#
+# Usage: scripts/bench.sh relay [--accounts N] [--events-per-account N] [--partitions N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/postgres.sh
+. scripts/postgres.sh
+# shellcheck source=scripts/broker.sh
+. scripts/broker.sh
+
+ensure_postgres
+ADMIN_URL=$(admin_url)
+trap 'drop_test_databases "$ADMIN_URL"' EXIT
+if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledger_test'")" != "1" ]; then
+  psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
+fi
+export DATABASE_URL="${ADMIN_URL%/*}/ledger_test"
+ensure_tansu
+cargo build --release --workspace --bins --locked
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
+./target/release/ledger-bench "$@"
