@@ -156,7 +156,10 @@ async fn relay(accounts: i64, per_account: i64, partitions: i32) {
         if done == Some(last_position) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1800), "relay did not finish");
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "relay did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let relayed = started.elapsed();

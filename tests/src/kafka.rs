@@ -73,13 +73,21 @@ pub fn read_all(brokers: &str, topic: &str, distinct: usize, deadline: Duration)
     .unwrap_or_else(|seen| {
         panic!(
             "only {} of {distinct} events reached {topic} within {deadline:?}",
-            seen.iter().map(Received::event_id).collect::<std::collections::HashSet<_>>().len()
+            seen.iter()
+                .map(Received::event_id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
         )
     })
 }
 
 /// Reads `topic` from the beginning until no message came for `idle` (or `deadline`).
-pub fn read_available(brokers: &str, topic: &str, idle: Duration, deadline: Duration) -> Vec<Received> {
+pub fn read_available(
+    brokers: &str,
+    topic: &str,
+    idle: Duration,
+    deadline: Duration,
+) -> Vec<Received> {
     let mut last = Instant::now();
     read_until(brokers, topic, deadline, |message| {
         if message.is_some() {
