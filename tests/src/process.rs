@@ -43,9 +43,20 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `binary` with `args` and `env` (plus `LOG_FORMAT=json`).
+    /// Starts `binary` with `args` and `env` (plus `LOG_FORMAT=json`), inheriting the rest of
+    /// this process's environment.
     pub fn start(binary: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(Command::new(binary), args, env)
+    }
+
+    /// Like [`Process::start`], but with nothing inherited from this process's environment.
+    pub fn start_clean(binary: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary);
+        command.env_clear();
+        Self::spawn(command, args, env)
+    }
+
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         command
             .args(args)
             .env("LOG_FORMAT", "json")
