@@ -20,4 +20,4 @@ export DATABASE_URL="${ADMIN_URL%/*}/ledger_test"
 ensure_tansu
 cargo build --release --workspace --bins --locked
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
-./target/release/ledger-bench "$@"
+"${CARGO_TARGET_DIR:-target}"/release/ledger-bench "$@"

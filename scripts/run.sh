@@ -19,14 +19,14 @@ export DATABASE_URL=${LEDGER_DATABASE_URL:-${ADMIN_URL%/*}/ledger}
 export LOG_FORMAT=${LOG_FORMAT:-pretty}
 
 cargo build --release --bins --locked
-./target/release/ledger-command migrate
+"${CARGO_TARGET_DIR:-target}"/release/ledger-command migrate
 if [ -n "${KAFKA_BROKERS:-}" ]; then
   log "relay publishing to $KAFKA_BROKERS; status on http://${RELAY_LISTEN_ADDR:-127.0.0.1:8081}/status"
-  ./target/release/ledger-relay &
+  "${CARGO_TARGET_DIR:-target}"/release/ledger-relay &
   relay_pid=$!
   trap 'kill -TERM "$relay_pid" 2>/dev/null; wait "$relay_pid" 2>/dev/null' EXIT
 else
   log "no KAFKA_BROKERS: events stay in PostgreSQL (no relay)"
 fi
 log "command API on http://${COMMAND_LISTEN_ADDR:-127.0.0.1:8080}"
-./target/release/ledger-command serve
+"${CARGO_TARGET_DIR:-target}"/release/ledger-command serve

@@ -35,7 +35,7 @@ log "building the workspace binaries"
 cargo build --workspace --bins --locked
 
 log "applying migrations to ledger_test"
-LOG_FORMAT=pretty ./target/debug/ledger-command migrate
+LOG_FORMAT=pretty "${CARGO_TARGET_DIR:-target}/debug/ledger-command" migrate
 
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
