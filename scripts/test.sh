@@ -23,10 +23,10 @@ BASE_URL=${ADMIN_URL%/*}
 drop_test_databases "$ADMIN_URL"
 trap 'drop_test_databases "$ADMIN_URL"' EXIT
 
-if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledger_test'")" != "1" ]; then
-  log "creating database ledger_test"
-  psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
-fi
+# A scratch database, made afresh each run (so no migration from another checkout lingers).
+log "creating database ledger_test"
+psql "$ADMIN_URL" -qc 'DROP DATABASE IF EXISTS ledger_test WITH (FORCE)' >/dev/null
+psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
 export DATABASE_URL="$BASE_URL/ledger_test"
 
 ensure_tansu
