@@ -20,4 +20,4 @@
 pub mod log;
 pub mod positions;
 
-pub use log::{lag, read_after, Lag, LogCursor, LogEntry, LogNotifications};
+pub use log::{events_of, lag, read_after, Lag, LogCursor, LogEntry, LogNotifications};

@@ -73,6 +73,32 @@ pub async fn read_after(
     Ok(rows.into_iter().map(Row::into_entry).collect())
 }
 
+/// The events of one aggregate with sequences in `from..=to`, in order (used to repair a
+/// gap a reader detected). Runs on the caller's connection, so inside its transaction.
+pub async fn events_of(
+    conn: &mut sqlx::PgConnection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
+                aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload, metadata, recorded_at
+           FROM events
+          WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence BETWEEN $3 AND $4
+          ORDER BY sequence",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
+}
+
 impl Row {
     fn into_entry(self) -> LogEntry {
         LogEntry {
