@@ -1,0 +1,108 @@
+//! `dead_letters`: what a projection could not handle, with why and where it came from.
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A dead letter to record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NewDeadLetter {
+    /// The projection that refused it (`*` when the message could not even be read).
+    pub projection: String,
+    /// Why.
+    pub reason: String,
+    /// The event's id, when known.
+    pub event_id: Option<Uuid>,
+    /// Its aggregate, when known.
+    pub aggregate_id: Option<String>,
+    /// Its sequence, when known.
+    pub sequence: Option<i64>,
+    /// Its global position, when known.
+    pub global_position: Option<i64>,
+    /// Its type, when known.
+    pub event_type: Option<String>,
+    /// Its version, when known.
+    pub event_version: Option<String>,
+    /// `kafka` or `store`.
+    pub source: String,
+    /// Kafka partition, when from Kafka.
+    pub kafka_partition: Option<i32>,
+    /// Kafka offset, when from Kafka.
+    pub kafka_offset: Option<i64>,
+    /// The raw headers as a JSON object.
+    pub raw_headers: Option<serde_json::Value>,
+    /// The raw value (lossy UTF-8).
+    pub raw_value: Option<String>,
+}
+
+/// Records a dead letter in the batch's transaction.
+pub async fn record(tx: &mut PgConnection, letter: &NewDeadLetter) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters
+             (projection, reason, event_id, aggregate_id, sequence, global_position, event_type,
+              event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(&letter.projection)
+    .bind(&letter.reason)
+    .bind(letter.event_id)
+    .bind(&letter.aggregate_id)
+    .bind(letter.sequence)
+    .bind(letter.global_position)
+    .bind(&letter.event_type)
+    .bind(&letter.event_version)
+    .bind(&letter.source)
+    .bind(letter.kafka_partition)
+    .bind(letter.kafka_offset)
+    .bind(&letter.raw_headers)
+    // PostgreSQL text cannot hold NUL.
+    .bind(
+        letter
+            .raw_value
+            .as_ref()
+            .map(|v| v.replace('\0', "\u{FFFD}")),
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Pending dead letters per projection.
+pub async fn pending_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT projection, count(*) FROM dead_letters WHERE status = 'pending'
+          GROUP BY projection ORDER BY projection",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A recorded dead letter, as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub projection: String,
+    pub reason: String,
+    pub event_id: Option<Uuid>,
+    pub aggregate_id: Option<String>,
+    pub sequence: Option<i64>,
+    pub global_position: Option<i64>,
+    pub event_type: Option<String>,
+    pub source: String,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+    pub raw_value: Option<String>,
+    pub status: String,
+}
+
+/// The pending dead letters, oldest first.
+pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, projection, reason, event_id, aggregate_id, sequence, global_position,
+                event_type, source, kafka_partition, kafka_offset, raw_value, status
+           FROM dead_letters WHERE status = 'pending' ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,65 @@
+//! The read models: every SQL statement on their tables, shared by the projector (which
+//! writes) and the query API (which reads), so neither copies the other's SQL.
+//!
+//! # Layout
+//!
+//! - [`summaries`]: `account_summaries`, one row per account.
+//! - [`statements`]: `account_statements`, one row per entry with the running balance, read
+//!   in cursor-paginated pages.
+//! - [`owner_totals`]: `owner_totals` (and its helper `owner_total_accounts`): money and
+//!   accounts per owner and currency, across aggregates.
+//! - [`guards`]: `projection_guards`, the per-projection, per-aggregate last sequence that
+//!   makes duplicates and re-deliveries harmless.
+//! - [`progress`]: `projection_checkpoints` and `projection_partitions`: positions, cursor,
+//!   per-partition offsets.
+//! - [`dead_letters`]: `dead_letters`, events a projection could not handle.
+//!
+//! Every `apply` takes the projector's open transaction: a read-model change, its guard and
+//! its checkpoint commit together or not at all.
+
+pub mod dead_letters;
+pub mod guards;
+pub mod owner_totals;
+pub mod progress;
+pub mod statements;
+pub mod summaries;
+
+/// The channel the projector notifies (payload: account id) when it commits read-model
+/// changes; the query API listens to invalidate its cache and wake waiting reads.
+pub const CHANGES_CHANNEL: &str = "ledger_read_models";
+
+/// The names of the projections, as stored in guards, checkpoints and dead letters.
+pub mod names {
+    /// `account_summaries`.
+    pub const ACCOUNT_SUMMARY: &str = "account_summary";
+    /// `account_statements`.
+    pub const ACCOUNT_STATEMENT: &str = "account_statement";
+    /// `owner_totals`.
+    pub const OWNER_TOTALS: &str = "owner_totals";
+    /// All of them, in the order the projector applies them.
+    pub const ALL: [&str; 3] = [ACCOUNT_SUMMARY, ACCOUNT_STATEMENT, OWNER_TOTALS];
+}
+
+/// Why a projection refused an event (it goes to the dead letters; the projector carries on).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The event cannot apply to the model's state (e.g. money for an account never opened).
+    #[error("{0}")]
+    Refused(String),
+    /// The database failed: the whole batch is retried.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Sends the change notification for `account_id` (delivered when `tx` commits).
+pub async fn notify_change(
+    tx: &mut sqlx::PgConnection,
+    account_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGES_CHANNEL)
+        .bind(account_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
