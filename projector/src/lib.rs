@@ -1,5 +1,25 @@
-//! Projector processes: consume the log and build the read models in PostgreSQL.
+//! The projector: builds the read models from the log.
 //!
-//! Not built yet. This crate holds its place in the workspace layout fixed by
-//! `DESIGN.md`; the read-side issue fills it (consumer group over the Kafka topic, read-model
-//! tables with the checkpoint in the same transaction, dead letters, status endpoint).
+//! # Layout
+//!
+//! - [`config`]: settings from the environment.
+//! - [`source_kafka`]: a consumer group over the relay's topic; partitions are applied
+//!   concurrently by workers, each partition in order; offsets are stored only after the
+//!   batch's transaction committed.
+//! - [`source_store`]: without a broker, the store's log read directly in commit-safe order,
+//!   the cursor committed with each batch.
+//! - [`apply`]: one transaction per batch: per event and projection, the guard (apply, skip a
+//!   duplicate, or repair a gap from the store), the read-model change, dead letters,
+//!   checkpoints and change notifications.
+//! - [`status`]: `/healthz`, `/readyz`, `/status` (positions, lag, dead letters, partitions).
+//! - [`startup`]: [`startup::Application`], started by `main` and by tests.
+//!
+//! The projections themselves (their tables and SQL) live in `ledger-readmodels`, which the
+//! query API reads through.
+
+pub mod apply;
+pub mod config;
+pub mod source_kafka;
+pub mod source_store;
+pub mod startup;
+pub mod status;

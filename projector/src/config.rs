@@ -1,0 +1,64 @@
+//! Settings of the projector, from environment variables (or the matching flags).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use ledger_platform::config::{parse_database_url, DatabaseUrl};
+use ledger_platform::telemetry::LogFormat;
+
+/// The projector: builds the read models from the log.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ledger-projector", version, about)]
+pub struct Settings {
+    /// PostgreSQL connection URL (event store and read models). Never logged.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    pub database_url: DatabaseUrl,
+
+    /// Most connections this process opens to PostgreSQL.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=100))]
+    pub database_max_connections: u32,
+
+    /// Kafka bootstrap servers. When unset, the projector reads the store's log directly
+    /// (same order, same no-skip guarantee).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// The topic the relay publishes to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "ledger.events")]
+    pub kafka_topic: String,
+
+    /// Consumer group; projector instances of one group share the partitions.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "ledger-projector")]
+    pub kafka_group_id: String,
+
+    /// A member silent for this long (e.g. killed) is dropped from the group and its
+    /// partitions reassigned.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub kafka_session_timeout: Duration,
+
+    /// Partitions are applied by this many workers concurrently (a partition always by the
+    /// same worker, in order).
+    #[arg(long, env = "PROJECTOR_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+
+    /// Most events applied in one transaction.
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_size: i64,
+
+    /// Reading the store directly: idle polling besides commit notifications.
+    #[arg(long, env = "PROJECTOR_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Address of `/healthz`, `/readyz` and `/status`.
+    #[arg(long, env = "PROJECTOR_LISTEN_ADDR", default_value = "127.0.0.1:8082")]
+    pub listen_addr: SocketAddr,
+
+    /// On SIGTERM/SIGINT, how long batches in flight may take to commit.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}

@@ -1,0 +1,223 @@
+//! `/healthz`, `/readyz` and `/status`: each projection's position, lag (events and
+//! seconds), dead letters, and per-partition offsets and lag.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use chrono::Utc;
+use ledger_platform::http::{fallback, request_id, Problem};
+use ledger_readmodels::{dead_letters, progress};
+use ledger_store::LogCursor;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::apply::{Applied, STORE_READER};
+
+/// Counters of this process.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    /// Incoming events and messages handled.
+    pub received: u64,
+    /// (event, projection) pairs applied.
+    pub applied: u64,
+    /// Pairs skipped as duplicates.
+    pub duplicates: u64,
+    /// Dead letters recorded.
+    pub dead_letters: u64,
+    /// Events read from the store to repair gaps.
+    pub repaired: u64,
+    /// The last error, cleared by the next successful batch.
+    pub last_error: Option<String>,
+}
+
+/// Shared counters.
+pub type SharedStatus = Arc<Mutex<Counters>>;
+
+/// Counts a committed batch.
+pub fn applied(status: &SharedStatus, received: usize, applied: Applied) {
+    if let Ok(mut s) = status.lock() {
+        s.received += received as u64;
+        s.applied += applied.applied;
+        s.duplicates += applied.duplicates;
+        s.dead_letters += applied.dead_letters;
+        s.repaired += applied.repaired;
+        s.last_error = None;
+    }
+}
+
+/// Records an error.
+pub fn failed(status: &SharedStatus, error: &str) {
+    if let Ok(mut s) = status.lock() {
+        s.last_error = Some(error.to_owned());
+    }
+}
+
+/// What the status routes need.
+#[derive(Clone)]
+pub struct StatusState {
+    pub counters: SharedStatus,
+    pub pool: PgPool,
+    /// `(consumer, group, topic)` when consuming Kafka.
+    pub kafka: Option<(Arc<StreamConsumer>, String, String)>,
+}
+
+impl std::fmt::Debug for StatusState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusState").finish_non_exhaustive()
+    }
+}
+
+/// The routes.
+pub fn router(state: StatusState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/status", get(status))
+        .with_state(state)
+        .fallback(fallback::not_found)
+        .layer(middleware::from_fn(request_id::layer))
+}
+
+async fn ready(State(state): State<StatusState>) -> Result<Json<Value>, Problem> {
+    let postgres = ledger_platform::db::ping(&state.pool, Duration::from_secs(2)).await;
+    let broker = match &state.kafka {
+        None => true,
+        Some((consumer, _, topic)) => {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false)
+        }
+    };
+    let checks = json!({
+        "postgres": if postgres { "ok" } else { "down" },
+        "broker": if state.kafka.is_none() { "not configured" } else if broker { "ok" } else { "down" },
+    });
+    if postgres && broker {
+        Ok(Json(json!({"status": "ready", "checks": checks})))
+    } else {
+        Err(
+            Problem::unavailable("a dependency of the projector is unreachable")
+                .with("checks", checks),
+        )
+    }
+}
+
+async fn status(State(state): State<StatusState>) -> Result<Json<Value>, Problem> {
+    let internal = |err: sqlx::Error| {
+        tracing::error!(error = %err, "status query failed");
+        Problem::internal()
+    };
+    let counters = state.counters.lock().map(|c| c.clone()).unwrap_or_default();
+    let checkpoints = progress::all(&state.pool).await.map_err(internal)?;
+    let letters = dead_letters::pending_counts(&state.pool)
+        .await
+        .map_err(internal)?;
+    let now = Utc::now();
+
+    // Lag: partitions' high watermarks against applied offsets (Kafka), or the store's
+    // events after the reader's cursor.
+    let (source, lag_events, partitions) = match &state.kafka {
+        Some((consumer, group, topic)) => {
+            let applied = progress::partitions(&state.pool, group, topic)
+                .await
+                .map_err(internal)?;
+            let consumer = consumer.clone();
+            let topic_name = topic.clone();
+            let rows = tokio::task::spawn_blocking(move || {
+                let metadata = consumer
+                    .fetch_metadata(Some(&topic_name), Duration::from_secs(2))
+                    .ok();
+                let ids: Vec<i32> = metadata
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .flat_map(|t| t.partitions())
+                            .map(|p| p.id())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ids.into_iter()
+                    .map(|id| {
+                        let high = consumer
+                            .fetch_watermarks(&topic_name, id, Duration::from_secs(2))
+                            .map(|(_, high)| high)
+                            .ok();
+                        (id, high)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut total = 0i64;
+            let partitions: Vec<Value> = rows
+                .into_iter()
+                .map(|(id, high)| {
+                    let done = applied.iter().find(|p| p.partition == id);
+                    let next = done.map_or(0, |p| p.last_offset + 1);
+                    let lag = high.map(|h| (h - next).max(0));
+                    total += lag.unwrap_or(0);
+                    json!({
+                        "partition": id,
+                        "applied_offset": done.map(|p| p.last_offset),
+                        "last_position": done.map(|p| p.last_position),
+                        "high_watermark": high,
+                        "lag_events": lag,
+                    })
+                })
+                .collect();
+            ("kafka", total, partitions)
+        }
+        None => {
+            let (transaction_id, global_position) = progress::cursor(&state.pool, STORE_READER)
+                .await
+                .map_err(internal)?;
+            let lag = ledger_store::lag(
+                &state.pool,
+                LogCursor {
+                    transaction_id,
+                    global_position,
+                },
+            )
+            .await
+            .map_err(internal)?;
+            ("store", lag.events, Vec::new())
+        }
+    };
+    let projections: Vec<Value> = ledger_readmodels::names::ALL
+        .iter()
+        .map(|name| {
+            let checkpoint = checkpoints.iter().find(|c| c.projection == *name);
+            let lag_seconds = match (lag_events, checkpoint.and_then(|c| c.last_event_at)) {
+                (0, _) | (_, None) => 0.0,
+                (_, Some(at)) => (now - at).num_milliseconds().max(0) as f64 / 1000.0,
+            };
+            json!({
+                "name": name,
+                "state": "live",
+                "last_position": checkpoint.map_or(0, |c| c.last_position),
+                "events_applied": checkpoint.map_or(0, |c| c.events_applied),
+                "lag_events": lag_events,
+                "lag_seconds": lag_seconds,
+                "dead_letters": letters.iter().find(|(p, _)| p == name).map_or(0, |(_, n)| *n),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "source": source,
+        "projections": projections,
+        "partitions": partitions,
+        "unreadable_messages": letters.iter().find(|(p, _)| p == "*").map_or(0, |(_, n)| *n),
+        "process": counters,
+    })))
+}
