@@ -1,0 +1,177 @@
+//! `GET /v1/accounts/{id}` (cached, with ETag) and `GET /v1/accounts/{id}/statement`
+//! (cursor pagination).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ledger_platform::http::Path;
+use ledger_readmodels::statements::{self, StatementEntry};
+use ledger_readmodels::summaries::{self, AccountSummary};
+use serde::{Deserialize, Serialize};
+
+use super::consistency::{requested, wait_for};
+use super::error::ApiError;
+use super::AppState;
+
+/// Default and largest statement page.
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 500;
+
+/// The account routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/accounts/{account_id}", get(summary))
+        .route("/accounts/{account_id}/statement", get(statement))
+}
+
+/// `?position=` on every read.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummaryQuery {
+    position: Option<String>,
+}
+
+/// Query of a statement page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatementQuery {
+    /// Opaque cursor from a previous page's `next_cursor`.
+    after: Option<String>,
+    /// Entries per page, 1..=500 (default 100).
+    limit: Option<String>,
+    /// Read-your-writes token.
+    position: Option<String>,
+}
+
+/// A statement page.
+#[derive(Debug, Serialize)]
+pub struct StatementPage {
+    /// The account.
+    pub account_id: String,
+    /// Oldest first.
+    pub entries: Vec<StatementEntry>,
+    /// Pass as `after` for the next page; entries appended later appear after it.
+    pub next_cursor: String,
+    /// Whether the page was full (more entries are there now).
+    pub has_more: bool,
+}
+
+fn query_problem(err: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::InvalidParameter {
+        field: "query",
+        message: err.body_text(),
+    }
+}
+
+fn etag(summary: &AccountSummary) -> String {
+    format!("\"{}-{}\"", summary.account_id, summary.version)
+}
+
+async fn summary(
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+    query: Result<Query<SummaryQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(query_problem)?;
+    let position = requested(query.position.as_deref(), &headers)?;
+    wait_for(&state, &account_id, position).await?;
+    let summary = load(&state, &account_id, position.unwrap_or(0)).await?;
+    let tag = etag(&summary);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let mut response = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        Json(summary.as_ref()).into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+        .headers_mut()
+        .insert("ledger-position", HeaderValue::from(summary.last_position));
+    Ok(response)
+}
+
+/// The summary from the cache when it is at least at `position`, else from the database.
+async fn load(
+    state: &AppState,
+    account_id: &str,
+    position: i64,
+) -> Result<Arc<AccountSummary>, ApiError> {
+    if let Some(cached) = state.changes.cache.get(account_id).await {
+        if cached.last_position >= position {
+            state.changes.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached);
+        }
+    }
+    state.changes.misses.fetch_add(1, Ordering::Relaxed);
+    let generation = state.changes.generation();
+    let summary = summaries::find(&state.pool, account_id)
+        .await?
+        .map(Arc::new)
+        .ok_or_else(|| ApiError::AccountNotFound(account_id.to_owned()))?;
+    state.changes.fill(generation, summary.clone()).await;
+    Ok(summary)
+}
+
+fn parse_cursor(cursor: Option<&str>) -> Result<i64, ApiError> {
+    let Some(cursor) = cursor else { return Ok(0) };
+    cursor
+        .strip_prefix("s")
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::InvalidParameter {
+            field: "after",
+            message: "not a cursor this API gave out (use a page's next_cursor)".into(),
+        })
+}
+
+fn parse_limit(limit: Option<&str>) -> Result<i64, ApiError> {
+    let Some(limit) = limit else {
+        return Ok(DEFAULT_PAGE);
+    };
+    limit
+        .parse::<i64>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| ApiError::InvalidParameter {
+            field: "limit",
+            message: format!("must be an integer from 1 to {MAX_PAGE}"),
+        })
+}
+
+async fn statement(
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+    query: Result<Query<StatementQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<StatementPage>, ApiError> {
+    let Query(query) = query.map_err(query_problem)?;
+    let after = parse_cursor(query.after.as_deref())?;
+    let limit = parse_limit(query.limit.as_deref())?;
+    let position = requested(query.position.as_deref(), &headers)?;
+    wait_for(&state, &account_id, position).await?;
+    let entries = statements::page(&state.pool, &account_id, after, limit).await?;
+    if entries.is_empty() && after == 0 {
+        return Err(ApiError::AccountNotFound(account_id));
+    }
+    let last = entries.last().map_or(after, |e| e.sequence);
+    Ok(Json(StatementPage {
+        account_id,
+        has_more: i64::try_from(entries.len()).unwrap_or(0) == limit,
+        entries,
+        next_cursor: format!("s{last}"),
+    }))
+}

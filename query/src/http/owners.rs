@@ -1,0 +1,69 @@
+//! `GET /v1/owners/{owner}/totals`: the cross-aggregate model.
+//!
+//! Read-your-writes here needs the account the write went to (`account` with `position`):
+//! an owner's totals are updated in the same transaction as that account's summary, so once
+//! the account has reached the position, so have the totals.
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use ledger_platform::http::Path;
+use ledger_readmodels::owner_totals::{self, OwnerTotal};
+use serde::{Deserialize, Serialize};
+
+use super::consistency::{requested, wait_for};
+use super::error::ApiError;
+use super::AppState;
+
+/// The owner routes.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/owners/{owner}/totals", get(totals))
+}
+
+/// Query of the totals.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TotalsQuery {
+    /// Read-your-writes token…
+    position: Option<String>,
+    /// …for this account (required with `position`).
+    account: Option<String>,
+}
+
+/// An owner's totals.
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    /// The owner.
+    pub owner: String,
+    /// One row per currency.
+    pub totals: Vec<OwnerTotal>,
+}
+
+async fn totals(
+    State(state): State<AppState>,
+    Path(owner): Path<String>,
+    query: Result<Query<TotalsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<Totals>, ApiError> {
+    let Query(query) = query.map_err(|err| ApiError::InvalidParameter {
+        field: "query",
+        message: err.body_text(),
+    })?;
+    let position = requested(query.position.as_deref(), &headers)?;
+    match (position, query.account.as_deref()) {
+        (Some(_), None) => {
+            return Err(ApiError::InvalidParameter {
+                field: "account",
+                message: "a position on a cross-account read needs the account it came from".into(),
+            })
+        }
+        (position, Some(account)) => wait_for(&state, account, position).await?,
+        (None, None) => {}
+    }
+    let totals = owner_totals::for_owner(&state.pool, &owner).await?;
+    if totals.is_empty() {
+        return Err(ApiError::OwnerNotFound(owner));
+    }
+    Ok(Json(Totals { owner, totals }))
+}

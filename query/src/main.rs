@@ -1,0 +1,27 @@
+//! `ledger-query`: serve the read models.
+
+use std::process::ExitCode;
+
+use ledger_platform::{shutdown, telemetry};
+use ledger_query::config::Settings;
+use ledger_query::startup::Application;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let settings: Settings = ledger_platform::config::parse_or_exit();
+    telemetry::init(settings.log_format);
+    let app = match Application::build(&settings).await {
+        Ok(app) => app,
+        Err(err) => {
+            tracing::error!(error = %err, "ledger-query cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run_until_stopped(shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "ledger-query failed");
+            ExitCode::FAILURE
+        }
+    }
+}
