@@ -135,3 +135,141 @@ impl Relay {
         }
     }
 }
+
+/// A running projector.
+#[derive(Debug)]
+pub struct Projector {
+    pub process: Process,
+    pub base: String,
+}
+
+impl Projector {
+    /// Starts `ledger-projector` over `database_url`, consuming `brokers` when given (else
+    /// reading the store directly), plus `extra` environment.
+    pub async fn start(database_url: &str, brokers: Option<&str>, extra: &[(&str, &str)]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut env = vec![
+            ("DATABASE_URL", database_url),
+            ("KAFKA_TOPIC", TOPIC),
+            ("PROJECTOR_LISTEN_ADDR", addr.as_str()),
+            ("PROJECTOR_POLL_INTERVAL", "100ms"),
+        ];
+        if let Some(brokers) = brokers {
+            env.push(("KAFKA_BROKERS", brokers));
+        }
+        for (key, value) in extra {
+            env.retain(|(k, _)| k != key);
+            env.push((key, value));
+        }
+        let process = Process::start_clean(&binary("ledger-projector"), &[], &env);
+        let base = format!("http://{addr}");
+        wait_until_ready(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+        Self { process, base }
+    }
+
+    /// The `/status` document.
+    pub async fn status(&self) -> Value {
+        reqwest::get(format!("{}/status", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// A running query API.
+#[derive(Debug)]
+pub struct QueryApi {
+    pub process: Process,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl QueryApi {
+    /// Starts `ledger-query` over `database_url`.
+    pub async fn start(database_url: &str, extra: &[(&str, &str)]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut env = vec![
+            ("DATABASE_URL", database_url),
+            ("QUERY_LISTEN_ADDR", addr.as_str()),
+        ];
+        for (key, value) in extra {
+            env.retain(|(k, _)| k != key);
+            env.push((key, value));
+        }
+        let process = Process::start_clean(&binary("ledger-query"), &[], &env);
+        let base = format!("http://{addr}");
+        wait_until_ready(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+        Self {
+            process,
+            base,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// GETs `path`; returns status, headers and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+}
+
+/// Every balance computed from the store's events, by account id.
+pub async fn balances_from_events(database_url: &str) -> std::collections::BTreeMap<String, i64> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id,
+                coalesce(sum(CASE event_type
+                                WHEN 'MoneyDeposited' THEN (payload->>'amount')::bigint
+                                WHEN 'MoneyWithdrawn' THEN -(payload->>'amount')::bigint
+                                ELSE 0 END), 0)::bigint
+           FROM events WHERE aggregate_type = 'account' AND event_type IN
+                ('AccountOpened', 'MoneyDeposited', 'MoneyWithdrawn', 'AccountClosed')
+          GROUP BY aggregate_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// Every balance in the read model, by account id.
+pub async fn balances_in_read_model(database_url: &str) -> std::collections::BTreeMap<String, i64> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT account_id, balance FROM account_summaries")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    rows.into_iter().collect()
+}
+
+/// Waits until the read model's balances equal the ones computed from the events.
+pub async fn wait_until_projected(database_url: &str, deadline: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let expected = balances_from_events(database_url).await;
+        let actual = balances_in_read_model(database_url).await;
+        if expected == actual {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "read model never matched the events: {} accounts expected, {} projected",
+            expected.len(),
+            actual.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,619 @@
+//! The read side across the real processes: command API, relay, a real broker, projector,
+//! query API (promises 4, 8 and 9).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use ledger_e2e::broker::Broker;
+use ledger_e2e::services::{
+    balances_from_events, balances_in_read_model, migrated_database, wait_until_projected,
+    CommandApi, Projector, QueryApi, Relay, TOPIC,
+};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Everything running over one database and one broker.
+struct Stack {
+    url: String,
+    broker: Broker,
+    api: CommandApi,
+    relay: Relay,
+    projector: Projector,
+    query: QueryApi,
+}
+
+async fn stack() -> Stack {
+    let broker = Broker::start().await;
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "3")]).await;
+    // The relay creates the topic; the projector subscribes to it.
+    relay
+        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
+        .await;
+    let projector = Projector::start(&url, Some(&broker.address), &[]).await;
+    let query = QueryApi::start(&url, &[]).await;
+    Stack {
+        url,
+        broker,
+        api,
+        relay,
+        projector,
+        query,
+    }
+}
+
+async fn withdraw(api: &CommandApi, account: &str, amount: i64) -> Value {
+    let response = api
+        .client
+        .post(format!("{}/v1/accounts/{account}/withdrawals", api.base))
+        .json(&json!({"amount": amount, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_with_the_commands_position_sees_the_new_balance_the_first_time() {
+    let s = stack().await;
+    let account = s.api.open_account().await;
+    let mut expected = 0;
+    for round in 1..=15 {
+        let answer = if round % 4 == 0 {
+            expected -= 3;
+            withdraw(&s.api, &account, 3).await
+        } else {
+            expected += 10;
+            s.api.deposit(&account, 10).await
+        };
+        let position = answer["position"].as_i64().unwrap();
+        let (status, headers, body) = s
+            .query
+            .get(&format!("/v1/accounts/{account}?position={position}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["balance"], expected,
+            "round {round}: stale read {body}"
+        );
+        assert!(body["last_position"].as_i64().unwrap() >= position);
+        assert!(headers.get("etag").is_some());
+    }
+    // The header form of the token works too, and so does the statement.
+    let answer = s.api.deposit(&account, 1).await;
+    let response = s
+        .query
+        .client
+        .get(format!("{}/v1/accounts/{account}/statement", s.query.base))
+        .header("Ledger-Position", answer["position"].to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let page: Value = response.json().await.unwrap();
+    let entries = page["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 17);
+    assert_eq!(entries.last().unwrap()["balance_after"], expected + 1);
+    // The cross-account model with the account the write went to.
+    let (status, _, totals) = s
+        .query
+        .get(&format!(
+            "/v1/owners/e2e/totals?position={}&account={account}",
+            answer["position"]
+        ))
+        .await;
+    assert_eq!(status, 200, "{totals}");
+    assert_eq!(totals["totals"][0]["balance"], expected + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_the_read_model_has_not_reached_is_answered_412_with_the_current_position() {
+    let s = stack().await;
+    let account = s.api.open_account().await;
+    let answer = s.api.deposit(&account, 5).await;
+    let reached = answer["position"].as_i64().unwrap();
+    let (status, _, _) = s
+        .query
+        .get(&format!("/v1/accounts/{account}?position={reached}"))
+        .await;
+    assert_eq!(status, 200);
+    let (status, headers, body) = s
+        .query
+        .get(&format!(
+            "/v1/accounts/{account}?position={}",
+            reached + 1_000_000
+        ))
+        .await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(body["code"], "read_model_behind");
+    assert_eq!(body["current_position"], reached);
+    assert_eq!(body["requested_position"], reached + 1_000_000);
+    for bad in ["-1", "abc", "1.5"] {
+        let (status, _, body) = s
+            .query
+            .get(&format!("/v1/accounts/{account}?position={bad}"))
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["code"], "invalid_parameter");
+    }
+    let (status, _, body) = s
+        .query
+        .get(&format!("/v1/owners/e2e/totals?position={reached}"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_answer_304_on_a_matching_etag_and_never_serve_an_older_balance() {
+    let s = stack().await;
+    let account = s.api.open_account().await;
+    let first = s.api.deposit(&account, 7).await;
+    let (_, headers, _) = s
+        .query
+        .get(&format!(
+            "/v1/accounts/{account}?position={}",
+            first["position"]
+        ))
+        .await;
+    let etag = headers["etag"].to_str().unwrap().to_owned();
+    let not_modified = s
+        .query
+        .client
+        .get(format!("{}/v1/accounts/{account}", s.query.base))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), 304);
+    // A write later: the cached entry must not be served for a read that asks for it.
+    let second = s.api.deposit(&account, 8).await;
+    let changed = s
+        .query
+        .client
+        .get(format!(
+            "{}/v1/accounts/{account}?position={}",
+            s.query.base, second["position"]
+        ))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+    let body: Value = changed.json().await.unwrap();
+    assert_eq!(body["balance"], 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivering_every_event_again_changes_no_balance() {
+    let mut s = stack().await;
+    let accounts = join_all((0..5).map(|_| s.api.open_account())).await;
+    for account in &accounts {
+        for amount in 1..=6 {
+            s.api.deposit(account, amount).await;
+        }
+    }
+    wait_until_projected(&s.url, DEADLINE).await;
+    let before = balances_in_read_model(&s.url).await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    let entries_before: i64 = sqlx::query_scalar("SELECT count(*) FROM account_statements")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+
+    // The relay forgets its checkpoint and publishes everything a second time.
+    s.relay.process.signal(Signal::SIGTERM);
+    s.relay.process.exit_code(Duration::from_secs(30)).await;
+    sqlx::query("DELETE FROM relay_checkpoints")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    s.relay = Relay::start(
+        &s.url,
+        &s.broker.address,
+        &[("KAFKA_TOPIC_PARTITIONS", "3")],
+    )
+    .await;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let status = s.projector.status().await;
+        let duplicates = status["process"]["duplicates"].as_i64().unwrap();
+        // Three projections skip each re-delivered event.
+        if duplicates >= events * 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "re-deliveries never arrived: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(balances_in_read_model(&s.url).await, before);
+    assert_eq!(
+        balances_in_read_model(&s.url).await,
+        balances_from_events(&s.url).await
+    );
+    let entries_after: i64 = sqlx::query_scalar("SELECT count(*) FROM account_statements")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(entries_after, entries_before);
+    let (_, _, totals) = s.query.get("/v1/owners/e2e/totals").await;
+    assert_eq!(totals["totals"][0]["balance"], before.values().sum::<i64>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_events() {
+    let mut s = stack().await;
+    let accounts = join_all((0..8).map(|_| s.api.open_account())).await;
+    let writers = {
+        let accounts = accounts.clone();
+        let base = s.api.base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for round in 0..40 {
+                for account in &accounts {
+                    let response = client
+                        .post(format!("{base}/v1/accounts/{account}/deposits"))
+                        .json(&json!({"amount": round + 1, "currency": "EUR"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+            }
+        })
+    };
+    // Kill it once it has applied some, while writes go on.
+    let start = std::time::Instant::now();
+    loop {
+        let applied = s.projector.status().await["process"]["applied"]
+            .as_i64()
+            .unwrap();
+        if applied > 60 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "projector never started applying"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.projector.process.signal(Signal::SIGKILL);
+    s.projector.process.exit_code(Duration::from_secs(10)).await;
+    s.projector = Projector::start(&s.url, Some(&s.broker.address), &[]).await;
+    writers.await.unwrap();
+    wait_until_projected(&s.url, DEADLINE).await;
+
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    let (entries, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM account_statements), (SELECT count(*) FROM events)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        entries, events,
+        "every event is one statement entry, none twice"
+    );
+    let total: i64 = balances_from_events(&s.url).await.values().sum();
+    let (_, _, totals) = s.query.get("/v1/owners/e2e/totals").await;
+    assert_eq!(totals["totals"][0]["balance"], total);
+    assert_eq!(totals["totals"][0]["accounts"], 8);
+    // The status endpoint says it is caught up, at the head of the log.
+    let head: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let status = s.projector.status().await;
+        let caught_up =
+            status["projections"].as_array().unwrap().iter().all(|p| {
+                p["lag_events"] == 0 && p["last_position"] == head && p["lag_seconds"] == 0.0
+            });
+        if caught_up {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "status never caught up: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_and_an_unreadable_message_go_to_dead_letters_and_the_projector_moves_on() {
+    let s = stack().await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    // An event no version of the contract knows, in the store: the relay publishes it.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', 'poison-1', 1, 'MoneyTeleported', '1', '{\"type\":\"MoneyTeleported\"}', '{}')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // A message that is not an event at all, straight onto the topic.
+    {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &s.broker.address)
+            .create()
+            .unwrap();
+        producer
+            .send(
+                FutureRecord::to(TOPIC)
+                    .key("garbage")
+                    .payload("not json at all"),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    // Ordinary traffic after both.
+    let account = s.api.open_account().await;
+    let answer = s.api.deposit(&account, 42).await;
+    let (status, _, body) = s
+        .query
+        .get(&format!(
+            "/v1/accounts/{account}?position={}",
+            answer["position"]
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["balance"], 42);
+
+    let start = std::time::Instant::now();
+    let letters: Vec<(String, String, Option<String>, Option<i32>)> = loop {
+        let letters = sqlx::query_as(
+            "SELECT projection, reason, event_type, kafka_partition FROM dead_letters ORDER BY id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        if letters.len() >= 4 {
+            break letters;
+        }
+        assert!(start.elapsed() < DEADLINE, "dead letters: {letters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let poison: Vec<_> = letters
+        .iter()
+        .filter(|l| l.2.as_deref() == Some("MoneyTeleported"))
+        .collect();
+    assert_eq!(poison.len(), 3, "one per projection: {letters:?}");
+    assert!(
+        poison.iter().all(|l| l.1.contains("unknown event type")),
+        "{letters:?}"
+    );
+    let unreadable: Vec<_> = letters.iter().filter(|l| l.0 == "*").collect();
+    assert_eq!(unreadable.len(), 1, "{letters:?}");
+    assert!(unreadable[0].3.is_some(), "the partition is kept");
+    let status = s.projector.status().await;
+    assert_eq!(status["unreadable_messages"], 1, "{status}");
+    assert!(status["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["dead_letters"] == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walking_a_1000_entry_statement_while_appends_continue_sees_no_gap_and_no_duplicate() {
+    let s = stack().await;
+    let account = s.api.open_account().await;
+    // 999 deposits straight into the store (as if made earlier), after the opening.
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'account', $1, s, 'MoneyDeposited', '2',
+                json_build_object('type','MoneyDeposited','amount',1,'currency','EUR','reference',null), '{}'
+           FROM generate_series(2, 1000) s",
+    )
+    .bind(&account)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    wait_until_projected(&s.url, DEADLINE).await;
+
+    let appender = {
+        let base = s.api.base.clone();
+        let account = account.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for _ in 0..100 {
+                let response = client
+                    .post(format!("{base}/v1/accounts/{account}/deposits"))
+                    .json(&json!({"amount": 1, "currency": "EUR"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/accounts/{account}/statement?limit=37&after={c}"),
+            None => format!("/v1/accounts/{account}/statement?limit=37"),
+        };
+        let (status, _, page) = s.query.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for entry in page["entries"].as_array().unwrap() {
+            seen.push(entry["sequence"].as_i64().unwrap());
+        }
+        cursor = Some(page["next_cursor"].as_str().unwrap().to_owned());
+        if page["has_more"] == false && appender.is_finished() {
+            break;
+        }
+    }
+    appender.await.unwrap();
+    wait_until_projected(&s.url, DEADLINE).await;
+    // Read whatever was appended after the walk ended, from the same cursor.
+    let (_, _, rest) = s
+        .query
+        .get(&format!(
+            "/v1/accounts/{account}/statement?limit=500&after={}",
+            cursor.unwrap()
+        ))
+        .await;
+    for entry in rest["entries"].as_array().unwrap() {
+        seen.push(entry["sequence"].as_i64().unwrap());
+    }
+    assert_eq!(
+        seen,
+        (1..=1100).collect::<Vec<i64>>(),
+        "gap or duplicate in the walk"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_the_projector_reads_the_store_and_reads_see_writes() {
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let projector = Projector::start(&url, None, &[]).await;
+    let query = QueryApi::start(&url, &[]).await;
+    let account = api.open_account().await;
+    for amount in [5, 6, 7] {
+        let answer = api.deposit(&account, amount).await;
+        let (status, _, body) = query
+            .get(&format!(
+                "/v1/accounts/{account}?position={}",
+                answer["position"]
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["last_position"], answer["position"]);
+    }
+    let status = projector.status().await;
+    assert_eq!(status["source"], "store");
+    wait_until_projected(&url, DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_projectors_in_one_group_share_the_work_and_survive_losing_one() {
+    let s = stack().await;
+    let second = Projector::start(&s.url, Some(&s.broker.address), &[]).await;
+    let accounts = join_all((0..6).map(|_| s.api.open_account())).await;
+    for account in &accounts {
+        for amount in 1..=5 {
+            s.api.deposit(account, amount).await;
+        }
+    }
+    wait_until_projected(&s.url, DEADLINE).await;
+    let mut first = s.projector;
+    first.process.signal(Signal::SIGKILL);
+    first.process.exit_code(Duration::from_secs(10)).await;
+    for account in &accounts {
+        for amount in 6..=8 {
+            s.api.deposit(account, amount).await;
+        }
+    }
+    wait_until_projected(&s.url, DEADLINE).await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    let (entries, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM account_statements), (SELECT count(*) FROM events)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(entries, events);
+    assert!(
+        second.status().await["process"]["applied"]
+            .as_i64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_sequence_is_repaired_from_the_store_never_skipped() {
+    let mut s = stack().await;
+    // Stop the relay: this test publishes by hand, leaving a hole.
+    s.relay.process.signal(Signal::SIGTERM);
+    s.relay.process.exit_code(Duration::from_secs(30)).await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', 'holey', 1, 'AccountOpened', '1', '{\"type\":\"AccountOpened\",\"owner\":\"h\",\"currency\":\"EUR\"}', '{}'),
+                ('account', 'holey', 2, 'MoneyDeposited', '2', '{\"type\":\"MoneyDeposited\",\"amount\":20,\"currency\":\"EUR\",\"reference\":null}', '{}'),
+                ('account', 'holey', 3, 'MoneyDeposited', '2', '{\"type\":\"MoneyDeposited\",\"amount\":300,\"currency\":\"EUR\",\"reference\":null}', '{}')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let events = ledger_store::events_of(&mut conn, "account", "holey", 1, 3)
+        .await
+        .unwrap();
+    {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &s.broker.address)
+            .create()
+            .unwrap();
+        // Sequence 2 never reaches Kafka.
+        for event in [&events[0], &events[2]] {
+            let message = ledger_events::kafka::encode(event, "/test");
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            producer
+                .send(
+                    FutureRecord::to(TOPIC)
+                        .key(&message.key)
+                        .payload(&message.value)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let (status, _, body) = s.query.get("/v1/accounts/holey").await;
+        if status == 200 && body["version"] == 3 {
+            assert_eq!(
+                body["balance"], 320,
+                "the missing deposit was applied: {body}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never projected: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, page) = s.query.get("/v1/accounts/holey/statement").await;
+    let sequences: Vec<i64> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sequences, vec![1, 2, 3]);
+    let status = s.projector.status().await;
+    assert!(
+        status["process"]["repaired"].as_i64().unwrap() >= 3,
+        "{status}"
+    );
+}
