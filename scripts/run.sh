@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs the ledger locally: makes sure PostgreSQL is up, creates the `ledger` database,
-# applies migrations, then serves the command API on http://127.0.0.1:8080 (Ctrl-C stops it).
-# With KAFKA_BROKERS set (e.g. KAFKA_BROKERS=127.0.0.1:9092) it also runs the relay, which
-# publishes every event to that broker. Settings come from the environment (README.md,
-# "Configuration").
+# Runs the whole ledger locally: makes sure PostgreSQL is up, creates the `ledger` database,
+# applies migrations, then starts
+#   - the projector (status on http://127.0.0.1:8082/status),
+#   - the query API on http://127.0.0.1:8083,
+#   - the command API on http://127.0.0.1:8080 (in the foreground; Ctrl-C stops everything).
+# Without KAFKA_BROKERS the projector reads the event store directly, so PostgreSQL is all
+# it needs. With KAFKA_BROKERS=host:port the relay publishes every event to that broker and
+# the projector consumes it there. Settings come from the environment (README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/postgres.sh
@@ -17,16 +20,20 @@ if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledg
 fi
 export DATABASE_URL=${LEDGER_DATABASE_URL:-${ADMIN_URL%/*}/ledger}
 export LOG_FORMAT=${LOG_FORMAT:-pretty}
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 cargo build --release --bins --locked
-"${CARGO_TARGET_DIR:-target}"/release/ledger-command migrate
+"$bin/ledger-command" migrate
+
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null' EXIT
 if [ -n "${KAFKA_BROKERS:-}" ]; then
   log "relay publishing to $KAFKA_BROKERS; status on http://${RELAY_LISTEN_ADDR:-127.0.0.1:8081}/status"
-  "${CARGO_TARGET_DIR:-target}"/release/ledger-relay &
-  relay_pid=$!
-  trap 'kill -TERM "$relay_pid" 2>/dev/null; wait "$relay_pid" 2>/dev/null' EXIT
+  "$bin/ledger-relay" & pids+=($!)
 else
-  log "no KAFKA_BROKERS: events stay in PostgreSQL (no relay)"
+  log "no KAFKA_BROKERS: the projector reads the event store directly"
 fi
-log "command API on http://${COMMAND_LISTEN_ADDR:-127.0.0.1:8080}"
-"${CARGO_TARGET_DIR:-target}"/release/ledger-command serve
+"$bin/ledger-projector" & pids+=($!)
+"$bin/ledger-query" & pids+=($!)
+log "query API on http://${QUERY_LISTEN_ADDR:-127.0.0.1:8083}; command API on http://${COMMAND_LISTEN_ADDR:-127.0.0.1:8080}"
+"$bin/ledger-command" serve
