@@ -236,12 +236,10 @@ fn sql_error(err: sqlx::Error) -> LedgerError {
 }
 
 fn sql_error_ref(err: &sqlx::Error) -> LedgerError {
-    match err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => LedgerError::Unavailable(err.to_string()),
-        other => LedgerError::Internal(other.to_string()),
+    if ledger_platform::db::is_unavailable(err) {
+        LedgerError::Unavailable(err.to_string())
+    } else {
+        LedgerError::Internal(err.to_string())
     }
 }
 

@@ -12,19 +12,7 @@ use crate::http::{self, AppState, Limits};
 use crate::idempotency;
 use crate::ledger::{Ledger, RetryPolicy};
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The database is unreachable or its schema is behind.
-    #[error(transparent)]
-    Database(#[from] ledger_platform::db::DbError),
-    /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub use ledger_platform::startup::StartupError;
 
 /// A bound, ready-to-run command service.
 #[derive(Debug)]
@@ -39,13 +27,12 @@ pub struct Application {
 impl Application {
     /// Connects to PostgreSQL, checks the schema is current, binds the listener.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let pool = ledger_platform::db::connect(
+        let pool = ledger_platform::startup::pool(
             settings.database_url.0.clone(),
             settings.database_max_connections,
             settings.database_acquire_timeout,
         )
         .await?;
-        ledger_platform::db::ensure_schema_current(&pool).await?;
         Self::with_pool(settings, pool).await
     }
 
@@ -68,12 +55,7 @@ impl Application {
                 request_timeout: settings.request_timeout,
             },
         );
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         Ok(Self {
             listener,
             router,

@@ -79,6 +79,18 @@ pub async fn ensure_schema_current(pool: &PgPool) -> Result<(), DbError> {
     }
 }
 
+/// Whether `err` means PostgreSQL is unreachable or saturated (answer 503), rather than a
+/// bug or bad data (answer 500).
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+    )
+}
+
 /// Whether PostgreSQL answers a trivial query within `timeout`.
 pub async fn ping(pool: &PgPool, timeout: Duration) -> bool {
     matches!(

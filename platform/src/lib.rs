@@ -6,6 +6,7 @@
 //!   variable at fault.
 //! - [`telemetry`]: JSON (or human) logs through `tracing`.
 //! - [`shutdown`]: a future that resolves on SIGTERM or SIGINT.
+//! - [`startup`]: a pool on a current schema, a bound listener, and their errors.
 //! - [`db`]: the connection pool, the embedded migrations (`migrate` subcommands) and the
 //!   start-up check that the schema is current.
 //! - [`http`]: RFC 9457 problem details, the JSON extractor whose rejections are problems,
@@ -16,5 +17,6 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod shutdown;
+pub mod startup;
 pub mod telemetry;
 pub mod testing;

@@ -10,22 +10,7 @@ use crate::config::Settings;
 use crate::status::{self, Counters, StatusState};
 use crate::{source_kafka, source_store};
 
-/// Why the projector could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// PostgreSQL is unreachable or its schema is behind.
-    #[error(transparent)]
-    Database(#[from] ledger_platform::db::DbError),
-    /// The consumer could not be configured.
-    #[error("Kafka client: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    /// The status address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub use ledger_platform::startup::StartupError;
 
 /// A projector ready to run.
 #[derive(Debug)]
@@ -39,27 +24,24 @@ pub struct Application {
 impl Application {
     /// Connects, checks the schema, configures the source, binds the status port.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let pool = ledger_platform::db::connect(
+        let pool = ledger_platform::startup::pool(
             settings.database_url.0.clone(),
             settings.database_max_connections,
             std::time::Duration::from_secs(5),
         )
         .await?;
-        ledger_platform::db::ensure_schema_current(&pool).await?;
         let kafka = match &settings.kafka_brokers {
             Some(brokers) => Some((
-                Arc::new(source_kafka::consumer(&settings, brokers)?),
+                Arc::new(
+                    source_kafka::consumer(&settings, brokers)
+                        .map_err(|err| StartupError::Client(format!("Kafka client: {err}")))?,
+                ),
                 settings.kafka_group_id.clone(),
                 settings.kafka_topic.clone(),
             )),
             None => None,
         };
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         let state = StatusState {
             counters: Arc::new(Mutex::new(Counters::default())),
             pool: pool.clone(),

@@ -8,19 +8,7 @@ use crate::changes::Changes;
 use crate::config::Settings;
 use crate::http::{self, AppState};
 
-/// Why the query API could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// PostgreSQL is unreachable or its schema is behind.
-    #[error(transparent)]
-    Database(#[from] ledger_platform::db::DbError),
-    /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub use ledger_platform::startup::StartupError;
 
 /// A bound, ready-to-run query API.
 #[derive(Debug)]
@@ -35,13 +23,12 @@ pub struct Application {
 impl Application {
     /// Connects, checks the schema, binds.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let pool = ledger_platform::db::connect(
+        let pool = ledger_platform::startup::pool(
             settings.database_url.0.clone(),
             settings.database_max_connections,
             std::time::Duration::from_secs(5),
         )
         .await?;
-        ledger_platform::db::ensure_schema_current(&pool).await?;
         let changes = Changes::new(settings.cache_max_entries, settings.cache_ttl);
         let router = http::router(
             AppState {
@@ -51,12 +38,7 @@ impl Application {
             },
             settings.request_timeout,
         );
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         Ok(Self {
             listener,
             router,

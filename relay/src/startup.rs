@@ -9,22 +9,7 @@ use crate::kafka;
 use crate::relay::Relay;
 use crate::status::{self, StatusState};
 
-/// Why the relay could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// PostgreSQL is unreachable or its schema is behind.
-    #[error(transparent)]
-    Database(#[from] ledger_platform::db::DbError),
-    /// The producer could not be configured.
-    #[error("Kafka client: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    /// The status address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub use ledger_platform::startup::StartupError;
 
 /// A relay ready to run.
 #[derive(Debug)]
@@ -38,24 +23,18 @@ impl Application {
     /// Connects to PostgreSQL (schema must be current), configures the producer, creates the
     /// topic if the broker is up (if not, publishing waits for it), binds the status port.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let pool = ledger_platform::db::connect(
+        let pool = ledger_platform::startup::pool(
             settings.database_url.0.clone(),
             settings.database_max_connections,
             std::time::Duration::from_secs(5),
         )
         .await?;
-        ledger_platform::db::ensure_schema_current(&pool).await?;
         // For readiness checks only; the relay makes its own producers.
-        let producer = kafka::producer(&settings)?;
+        let producer = kafka::producer(&settings).map_err(kafka_error)?;
         if let Err(err) = kafka::ensure_topic(&settings).await {
             tracing::warn!(error = %err, "cannot create the topic now; publishing waits for the broker");
         }
-        let listener = TcpListener::bind(settings.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         let topic = settings.kafka_topic.clone();
         let relay = Relay::new(settings, pool.clone());
         let router = status::router(StatusState {
@@ -95,4 +74,8 @@ impl Application {
         self.relay.run(stop_rx).await;
         server.await.unwrap_or(Ok(()))
     }
+}
+
+fn kafka_error(err: rdkafka::error::KafkaError) -> StartupError {
+    StartupError::Client(format!("Kafka client: {err}"))
 }

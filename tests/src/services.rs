@@ -6,6 +6,29 @@ use serde_json::{json, Value};
 
 use crate::process::{binary, free_port, wait_until_ready, Process};
 
+/// Starts `binary` listening on a free port given in `listen_var`, with `env` overridden by
+/// `extra` (nothing inherited), and waits until `ready_path` answers 200. Returns the
+/// process and its base URL.
+async fn launch(
+    binary_name: &str,
+    listen_var: &str,
+    env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+    ready_path: &str,
+) -> (Process, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut all: Vec<(&str, &str)> = env.to_vec();
+    all.push((listen_var, addr.as_str()));
+    for (key, value) in extra {
+        all.retain(|(k, _)| k != key);
+        all.push((key, value));
+    }
+    let process = Process::start_clean(&binary(binary_name), &[], &all);
+    let base = format!("http://{addr}");
+    wait_until_ready(&format!("{base}{ready_path}"), Duration::from_secs(30)).await;
+    (process, base)
+}
+
 /// A migrated database for the processes; returns its URL.
 pub async fn migrated_database() -> String {
     let (url, pool) = crate::fresh_database().await;
@@ -84,23 +107,16 @@ pub const TOPIC: &str = "ledger.events";
 impl Relay {
     /// Starts `ledger-relay` with test settings plus `extra` environment.
     pub async fn start(database_url: &str, brokers: &str, extra: &[(&str, &str)]) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut env = vec![
+        let env = [
             ("DATABASE_URL", database_url),
             ("KAFKA_BROKERS", brokers),
             ("KAFKA_TOPIC", TOPIC),
-            ("RELAY_LISTEN_ADDR", addr.as_str()),
             ("RELAY_POLL_INTERVAL", "100ms"),
             ("RELAY_STANDBY_INTERVAL", "200ms"),
             ("KAFKA_MESSAGE_TIMEOUT", "5s"),
         ];
-        for (key, value) in extra {
-            env.retain(|(k, _)| k != key);
-            env.push((key, value));
-        }
-        let process = Process::start(&binary("ledger-relay"), &[], &env);
-        let base = format!("http://{addr}");
-        wait_until_ready(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+        let (process, base) =
+            launch("ledger-relay", "RELAY_LISTEN_ADDR", &env, extra, "/healthz").await;
         Self { process, base }
     }
 
@@ -147,23 +163,22 @@ impl Projector {
     /// Starts `ledger-projector` over `database_url`, consuming `brokers` when given (else
     /// reading the store directly), plus `extra` environment.
     pub async fn start(database_url: &str, brokers: Option<&str>, extra: &[(&str, &str)]) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
         let mut env = vec![
             ("DATABASE_URL", database_url),
             ("KAFKA_TOPIC", TOPIC),
-            ("PROJECTOR_LISTEN_ADDR", addr.as_str()),
             ("PROJECTOR_POLL_INTERVAL", "100ms"),
         ];
         if let Some(brokers) = brokers {
             env.push(("KAFKA_BROKERS", brokers));
         }
-        for (key, value) in extra {
-            env.retain(|(k, _)| k != key);
-            env.push((key, value));
-        }
-        let process = Process::start_clean(&binary("ledger-projector"), &[], &env);
-        let base = format!("http://{addr}");
-        wait_until_ready(&format!("{base}/healthz"), Duration::from_secs(30)).await;
+        let (process, base) = launch(
+            "ledger-projector",
+            "PROJECTOR_LISTEN_ADDR",
+            &env,
+            extra,
+            "/healthz",
+        )
+        .await;
         Self { process, base }
     }
 
@@ -257,19 +272,25 @@ pub async fn balances_in_read_model(database_url: &str) -> std::collections::BTr
 
 /// Waits until the read model's balances equal the ones computed from the events.
 pub async fn wait_until_projected(database_url: &str, deadline: Duration) {
+    if let Err(why) = try_until_projected(database_url, deadline).await {
+        panic!("{why}");
+    }
+}
+
+/// Like [`wait_until_projected`], returning why not instead of panicking.
+pub async fn try_until_projected(database_url: &str, deadline: Duration) -> Result<(), String> {
     let start = std::time::Instant::now();
     loop {
         let expected = balances_from_events(database_url).await;
         let actual = balances_in_read_model(database_url).await;
         if expected == actual {
-            return;
+            return Ok(());
         }
-        assert!(
-            start.elapsed() < deadline,
-            "read model never matched the events: {} accounts expected, {} projected",
-            expected.len(),
-            actual.len()
-        );
+        if start.elapsed() >= deadline {
+            return Err(format!(
+                "read model never matched the events: expected {expected:?}, projected {actual:?}"
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

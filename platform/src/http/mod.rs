@@ -5,12 +5,14 @@
 //! - [`request_id`]: accepts or makes a request id, puts it on the log span and the response.
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`fallback`]: problem answers for unknown routes, wrong methods and panics.
+//! - [`timeout`]: a request-time limit answered as a problem.
 
 pub mod extract;
 pub mod fallback;
 pub mod health;
 pub mod problem;
 pub mod request_id;
+pub mod timeout;
 
 pub use extract::{Json, Path};
 pub use problem::Problem;

@@ -1,10 +1,6 @@
 //! The query API's errors, each with its status on purpose, answered as problem+json.
 
-use std::time::Duration;
-
-use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ledger_platform::http::Problem;
 
@@ -84,11 +80,10 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(err.to_string())
-            }
-            other => Self::Internal(other.to_string()),
+        if ledger_platform::db::is_unavailable(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
         }
     }
 }
@@ -110,26 +105,5 @@ impl IntoResponse for ApiError {
             );
         }
         response
-    }
-}
-
-/// Middleware: a request still running after the timeout is answered 503.
-pub async fn timeout_layer(
-    State(timeout): State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "request_timeout",
-            "Request timed out",
-            format!(
-                "the request did not finish within {} ms",
-                timeout.as_millis()
-            ),
-        )
-        .into_response(),
     }
 }

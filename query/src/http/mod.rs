@@ -8,7 +8,7 @@ pub mod owners;
 use std::time::Duration;
 
 use axum::{middleware, Router};
-use ledger_platform::http::{fallback, health, request_id};
+use ledger_platform::http::{fallback, health, request_id, timeout};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -38,7 +38,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .method_not_allowed_fallback(fallback::method_not_allowed)
         .layer(middleware::from_fn_with_state(
             request_timeout,
-            error::timeout_layer,
+            timeout::layer,
         ))
         .layer(CatchPanicLayer::custom(fallback::panic_response))
         .layer(middleware::from_fn(request_id::layer))
