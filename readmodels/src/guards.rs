@@ -14,13 +14,24 @@ pub enum Verdict {
 }
 
 /// The verdict for `sequence` of `aggregate_id` in `projection`, locking the guard row
-/// for the rest of the transaction (two projector instances never apply one event twice).
+/// for the rest of the transaction: two projector instances handling one event at once (a
+/// rebalance overlap) are serialised here, and the second sees it as a duplicate. The row is
+/// created first if missing, so there is always a row to lock (a concurrent creator makes
+/// this wait for its commit).
 pub async fn check(
     tx: &mut PgConnection,
     projection: &str,
     aggregate_id: &str,
     sequence: i64,
 ) -> Result<Verdict, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_guards (projection, aggregate_id, last_sequence, last_position)
+         VALUES ($1, $2, 0, 0) ON CONFLICT (projection, aggregate_id) DO NOTHING",
+    )
+    .bind(projection)
+    .bind(aggregate_id)
+    .execute(&mut *tx)
+    .await?;
     let last: Option<i64> = sqlx::query_scalar(
         "SELECT last_sequence FROM projection_guards
           WHERE projection = $1 AND aggregate_id = $2 FOR UPDATE",
