@@ -177,7 +177,21 @@ impl Applier {
         origin: Origin,
         outcome: &mut Applied,
     ) -> Result<(), sqlx::Error> {
-        for projection in names::ALL {
+        apply_guarded(tx, &names::ALL, event, origin, outcome).await
+    }
+}
+
+/// Applies `event` to each of `projections` through its guard (apply, skip a duplicate,
+/// or repair a gap from the store first), on `tx`.
+pub async fn apply_guarded(
+    tx: &mut PgConnection,
+    projections: &[&str],
+    event: &RecordedEvent,
+    origin: Origin,
+    outcome: &mut Applied,
+) -> Result<(), sqlx::Error> {
+    {
+        for projection in projections.iter().copied() {
             match guards::check(tx, projection, &event.aggregate_id, event.sequence).await? {
                 guards::Verdict::Duplicate => outcome.duplicates += 1,
                 guards::Verdict::Apply => apply_one(tx, projection, event, origin, outcome).await?,
@@ -220,44 +234,20 @@ impl Applier {
 }
 
 /// Applies one event to one projection (or dead-letters it), and moves the guard.
-async fn apply_one(
+pub async fn apply_one(
     tx: &mut PgConnection,
     projection: &str,
     event: &RecordedEvent,
     origin: Origin,
     outcome: &mut Applied,
 ) -> Result<(), sqlx::Error> {
-    let refused = if event.aggregate_type == ACCOUNT_AGGREGATE_TYPE {
-        match event.decode_account() {
-            Err(err) => Some(err.to_string()),
-            Ok(decoded) => {
-                // A savepoint, so a refusal undoes only this projection's change.
-                let mut savepoint = tx.begin().await?;
-                let result = match projection {
-                    names::ACCOUNT_SUMMARY => {
-                        summaries::apply(&mut savepoint, event, &decoded).await
-                    }
-                    names::ACCOUNT_STATEMENT => {
-                        statements::apply(&mut savepoint, event, &decoded).await
-                    }
-                    _ => owner_totals::apply(&mut savepoint, event, &decoded).await,
-                };
-                match result {
-                    Ok(()) => {
-                        savepoint.commit().await?;
-                        outcome.applied += 1;
-                        None
-                    }
-                    Err(ApplyError::Refused(reason)) => {
-                        savepoint.rollback().await?;
-                        Some(reason)
-                    }
-                    Err(ApplyError::Database(err)) => return Err(err),
-                }
-            }
+    let refused = match project(tx, projection, event).await {
+        Ok(()) => {
+            outcome.applied += 1;
+            None
         }
-    } else {
-        Some(format!("unknown aggregate type `{}`", event.aggregate_type))
+        Err(ApplyError::Refused(reason)) => Some(reason),
+        Err(ApplyError::Database(err)) => return Err(err),
     };
     if let Some(reason) = refused {
         tracing::warn!(projection, %reason, event_id = %event.event_id, "event to the dead letters");
@@ -282,6 +272,41 @@ async fn apply_one(
         event.global_position,
     )
     .await
+}
+
+/// Decodes `event` and applies it to `projection` inside a savepoint (a refusal undoes only
+/// this change), without looking at the guard.
+pub async fn project(
+    tx: &mut PgConnection,
+    projection: &str,
+    event: &RecordedEvent,
+) -> Result<(), ApplyError> {
+    if event.aggregate_type != ACCOUNT_AGGREGATE_TYPE {
+        return Err(ApplyError::Refused(format!(
+            "unknown aggregate type `{}`",
+            event.aggregate_type
+        )));
+    }
+    let decoded = event
+        .decode_account()
+        .map_err(|err| ApplyError::Refused(err.to_string()))?;
+    let mut savepoint = tx.begin().await?;
+    let result = match projection {
+        names::ACCOUNT_SUMMARY => summaries::apply(&mut savepoint, event, &decoded).await,
+        names::ACCOUNT_STATEMENT => statements::apply(&mut savepoint, event, &decoded).await,
+        names::OWNER_TOTALS => owner_totals::apply(&mut savepoint, event, &decoded).await,
+        other => Err(ApplyError::Refused(format!("unknown projection `{other}`"))),
+    };
+    match result {
+        Ok(()) => {
+            savepoint.commit().await?;
+            Ok(())
+        }
+        Err(err) => {
+            savepoint.rollback().await?;
+            Err(err)
+        }
+    }
 }
 
 fn letter_for(origin: Origin) -> NewDeadLetter {

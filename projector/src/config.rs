@@ -54,6 +54,10 @@ pub struct Settings {
     #[arg(long, env = "PROJECTOR_LISTEN_ADDR", default_value = "127.0.0.1:8082")]
     pub listen_addr: SocketAddr,
 
+    /// Bearer token of the admin API (`/admin/...` on the status port); unset = admin API off.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// On SIGTERM/SIGINT, how long batches in flight may take to commit.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

@@ -12,13 +12,17 @@
 //!   duplicate, or repair a gap from the store), the read-model change, dead letters,
 //!   checkpoints and change notifications.
 //! - [`status`]: `/healthz`, `/readyz`, `/status` (positions, lag, dead letters, partitions).
+//! - [`ops`]: operator actions (rebuild, dry run, replay, republish, dead letters, status),
+//!   used by the `ledger-admin` CLI and the admin HTTP API ([`admin`]).
 //! - [`startup`]: [`startup::Application`], started by `main` and by tests.
 //!
 //! The projections themselves (their tables and SQL) live in `ledger-readmodels`, which the
 //! query API reads through.
 
+pub mod admin;
 pub mod apply;
 pub mod config;
+pub mod ops;
 pub mod source_kafka;
 pub mod source_store;
 pub mod startup;

@@ -41,6 +41,9 @@ impl Application {
             )),
             None => None,
         };
+        if let Err(err) = crate::ops::overview::check_versions(&pool).await {
+            tracing::warn!(error = %err, "cannot check projection versions");
+        }
         let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         let state = StatusState {
             counters: Arc::new(Mutex::new(Counters::default())),
@@ -76,7 +79,12 @@ impl Application {
             "projector status listening"
         );
         let mut server_stop = stop_rx.clone();
-        let server = axum::serve(self.listener, status::router(self.state.clone()))
+        let admin = crate::admin::router(
+            self.pool.clone(),
+            self.settings.admin_token.clone(),
+            self.settings.batch_size,
+        );
+        let server = axum::serve(self.listener, status::router(self.state.clone(), admin))
             .with_graceful_shutdown(async move {
                 let _ = server_stop.wait_for(|stopped| *stopped).await;
             });

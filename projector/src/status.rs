@@ -72,13 +72,14 @@ impl std::fmt::Debug for StatusState {
     }
 }
 
-/// The routes.
-pub fn router(state: StatusState) -> Router {
+/// The routes, with `admin` (the admin API) merged in.
+pub fn router(state: StatusState, admin: Router) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .with_state(state)
+        .merge(admin)
         .fallback(fallback::not_found)
         .layer(middleware::from_fn(request_id::layer))
 }

@@ -93,16 +93,42 @@ pub struct DeadLetter {
     pub kafka_offset: Option<i64>,
     pub raw_value: Option<String>,
     pub status: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The pending dead letters, oldest first.
-pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, projection, reason, event_id, aggregate_id, sequence, global_position,
-                event_type, source, kafka_partition, kafka_offset, raw_value, status
-           FROM dead_letters WHERE status = 'pending' ORDER BY id LIMIT $1",
-    )
+const COLUMNS: &str = "id, projection, reason, event_id, aggregate_id, sequence, global_position,
+                       event_type, source, kafka_partition, kafka_offset, raw_value, status, created_at";
+
+/// Dead letters with `status` (all when `None`), oldest first.
+pub async fn list(
+    pool: &PgPool,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM dead_letters
+          WHERE $1::text IS NULL OR status = $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(status)
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// One dead letter.
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Sets a dead letter's status.
+pub async fn set_status(tx: &mut PgConnection, id: i64, status: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET status = $2 WHERE id = $1")
+        .bind(id)
+        .bind(status)
+        .execute(tx)
+        .await?;
+    Ok(())
 }

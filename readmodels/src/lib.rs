@@ -38,6 +38,34 @@ pub mod names {
     pub const OWNER_TOTALS: &str = "owner_totals";
     /// All of them, in the order the projector applies them.
     pub const ALL: [&str; 3] = [ACCOUNT_SUMMARY, ACCOUNT_STATEMENT, OWNER_TOTALS];
+
+    /// The tables a projection owns (what a rebuild builds anew and swaps in).
+    pub fn tables(projection: &str) -> Option<&'static [&'static str]> {
+        match projection {
+            ACCOUNT_SUMMARY => Some(&["account_summaries"]),
+            ACCOUNT_STATEMENT => Some(&["account_statements"]),
+            OWNER_TOTALS => Some(&["owner_totals", "owner_total_accounts"]),
+            _ => None,
+        }
+    }
+
+    /// The primary-key columns of a read-model table (how a dry run pairs rows).
+    pub fn primary_key(table: &str) -> &'static [&'static str] {
+        match table {
+            "account_statements" => &["account_id", "sequence"],
+            "owner_totals" => &["owner", "currency"],
+            _ => &["account_id"],
+        }
+    }
+
+    /// The version of each projection's code. Bump it when a change needs the read model
+    /// rebuilt; the projector then says so at start.
+    pub fn version(projection: &str) -> i32 {
+        match projection {
+            ACCOUNT_SUMMARY | ACCOUNT_STATEMENT | OWNER_TOTALS => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// Why a projection refused an event (it goes to the dead letters; the projector carries on).

@@ -20,4 +20,7 @@
 pub mod log;
 pub mod positions;
 
-pub use log::{events_of, lag, read_after, Lag, LogCursor, LogEntry, LogNotifications};
+pub use log::{
+    event_by_id, events_of, head, lag, read_after, read_positions, Lag, LogCursor, LogEntry,
+    LogNotifications,
+};

@@ -99,6 +99,55 @@ pub async fn events_of(
     Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
 }
 
+/// Events with `from <= global_position <= to`, in position order (one aggregate's events
+/// keep their sequence order), at most `limit`.
+pub async fn read_positions(
+    pool: &PgPool,
+    from: i64,
+    to: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
+                aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload, metadata, recorded_at
+           FROM events
+          WHERE global_position BETWEEN $1 AND $2
+          ORDER BY global_position
+          LIMIT $3",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
+}
+
+/// One event by its id.
+pub async fn event_by_id(
+    pool: &PgPool,
+    event_id: Uuid,
+) -> Result<Option<RecordedEvent>, sqlx::Error> {
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
+                aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload, metadata, recorded_at
+           FROM events WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| row.into_entry().event))
+}
+
+/// The number of events in the store and the highest global position.
+pub async fn head(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as("SELECT count(*), coalesce(max(global_position), 0) FROM events")
+        .fetch_one(pool)
+        .await
+}
+
 impl Row {
     fn into_entry(self) -> LogEntry {
         LogEntry {

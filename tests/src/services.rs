@@ -294,3 +294,64 @@ pub async fn try_until_projected(database_url: &str, deadline: Duration) -> Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// What `ledger-admin` printed.
+#[derive(Debug)]
+pub struct AdminRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl AdminRun {
+    /// stdout as JSON (for `--json` runs).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|err| {
+            panic!("not JSON ({err}): {}\nstderr: {}", self.stdout, self.stderr)
+        })
+    }
+}
+
+/// Runs `ledger-admin` with `args` against `database_url`, to completion.
+pub async fn admin(database_url: &str, args: &[&str]) -> AdminRun {
+    let output = tokio::process::Command::new(binary("ledger-admin"))
+        .args(args)
+        .env_clear()
+        .env("DATABASE_URL", database_url)
+        .env("USER", "tester")
+        .output()
+        .await
+        .expect("ledger-admin runs");
+    AdminRun {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Seeds `accounts` accounts with `deposits` deposits of 1 each straight into the store,
+/// one transaction per account; returns the account ids.
+pub async fn seed(database_url: &str, accounts: usize, deposits: i64) -> Vec<String> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
+    let mut ids = Vec::with_capacity(accounts);
+    for n in 0..accounts {
+        let id = format!("seeded-{n}-{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', $1, 1, 'AccountOpened', '1',
+                    json_build_object('type','AccountOpened','owner','seed','currency','EUR'), '{}'::json
+             UNION ALL
+             SELECT 'account', $1, s, 'MoneyDeposited', '2',
+                    json_build_object('type','MoneyDeposited','amount',1,'currency','EUR','reference',null), '{}'::json
+               FROM generate_series(2, $2 + 1) s",
+        )
+        .bind(&id)
+        .bind(deposits)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    ids
+}

@@ -1,0 +1,320 @@
+//! The admin HTTP API: the operator actions of `ledger-admin`, under `/admin` on the
+//! projector's status port, for callers presenting `Authorization: Bearer <ADMIN_TOKEN>`.
+//! Without `ADMIN_TOKEN` configured the admin API is off (every route answers 404).
+//! (Scoped API keys replace the single token with the production-readiness work.)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ledger_platform::http::{Json, Path, Problem};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::ops::{self, dead_letters, overview, rebuild, replay, OpError};
+
+/// A rebuild started over the API, as its progress is reported.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Job {
+    /// Still running.
+    pub running: bool,
+    /// A dry run.
+    pub dry_run: bool,
+    /// Latest progress.
+    pub progress: rebuild::Progress,
+    /// The report once finished.
+    pub report: Option<rebuild::Report>,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+/// State of the admin routes.
+#[derive(Clone)]
+pub struct AdminState {
+    pool: PgPool,
+    token: Arc<str>,
+    jobs: Arc<Mutex<HashMap<String, Job>>>,
+    batch_size: i64,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
+
+/// The admin routes (empty when no token is configured).
+pub fn router(pool: PgPool, token: Option<String>, batch_size: i64) -> Router {
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Router::new();
+    };
+    let state = AdminState {
+        pool,
+        token: Arc::from(token),
+        jobs: Arc::default(),
+        batch_size,
+    };
+    Router::new()
+        .route("/admin/projections", get(projections))
+        .route(
+            "/admin/projections/{name}/rebuild",
+            post(start_rebuild).get(rebuild_job),
+        )
+        .route("/admin/projections/{name}/replay", post(replay_range))
+        .route("/admin/dead-letters", get(list_letters))
+        .route("/admin/dead-letters/{id}", get(show_letter))
+        .route("/admin/dead-letters/{id}/retry", post(retry_letter))
+        .route("/admin/dead-letters/{id}/skip", post(skip_letter))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Forbidden",
+            "the token is not valid for the admin API",
+        )
+        .into_response(),
+        None => {
+            let mut response = Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Unauthenticated",
+                "send `Authorization: Bearer <admin token>`",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn problem(err: OpError) -> Problem {
+    match err {
+        OpError::UnknownProjection(_) | OpError::NoSuchDeadLetter(_) => Problem::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Not found",
+            err.to_string(),
+        ),
+        OpError::AlreadyRunning(_) => Problem::new(
+            StatusCode::CONFLICT,
+            "already_running",
+            "Already running",
+            err.to_string(),
+        ),
+        OpError::Invalid(_) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "Invalid request",
+            err.to_string(),
+        ),
+        OpError::Kafka(_) | OpError::Database(_) => {
+            tracing::error!(error = %err, "admin operation failed");
+            Problem::internal()
+        }
+    }
+}
+
+fn actor(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 100)
+        .map_or_else(|| "admin-api".to_owned(), |v| format!("admin-api:{v}"))
+}
+
+async fn projections(State(state): State<AdminState>) -> Result<axum::Json<Value>, Problem> {
+    let states = overview::overview(&state.pool)
+        .await
+        .map_err(|e| problem(e.into()))?;
+    Ok(axum::Json(json!({ "projections": states })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RebuildQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn start_rebuild(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<RebuildQuery>,
+) -> Result<Response, Problem> {
+    ops::known(&name).map_err(problem)?;
+    {
+        let mut jobs = state.jobs.lock().map_err(|_| Problem::internal())?;
+        if jobs.get(&name).is_some_and(|j| j.running) {
+            return Err(problem(OpError::AlreadyRunning(name)));
+        }
+        jobs.insert(
+            name.clone(),
+            Job {
+                running: true,
+                dry_run: query.dry_run,
+                ..Job::default()
+            },
+        );
+    }
+    let jobs = state.jobs.clone();
+    let pool = state.pool.clone();
+    let batch_size = state.batch_size;
+    let projection = name.clone();
+    tokio::spawn(async move {
+        let progress_jobs = jobs.clone();
+        let progress_name = projection.clone();
+        let result = rebuild::rebuild(
+            &pool,
+            &projection,
+            batch_size,
+            query.dry_run,
+            move |progress| {
+                if let Ok(mut jobs) = progress_jobs.lock() {
+                    if let Some(job) = jobs.get_mut(&progress_name) {
+                        job.progress = progress;
+                    }
+                }
+            },
+        )
+        .await;
+        if let Ok(mut jobs) = jobs.lock() {
+            if let Some(job) = jobs.get_mut(&projection) {
+                job.running = false;
+                match result {
+                    Ok(report) => {
+                        job.progress = report.progress;
+                        job.report = Some(report);
+                    }
+                    Err(err) => job.error = Some(err.to_string()),
+                }
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"projection": name, "started": true, "dry_run": query.dry_run})),
+    )
+        .into_response())
+}
+
+async fn rebuild_job(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Job>, Problem> {
+    ops::known(&name).map_err(problem)?;
+    let job = state
+        .jobs
+        .lock()
+        .map_err(|_| Problem::internal())?
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "Not found",
+                format!("no rebuild of {name} was started here"),
+            )
+        })?;
+    Ok(axum::Json(job))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    from: i64,
+    to: Option<i64>,
+}
+
+async fn replay_range(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Json(body): Json<ReplayBody>,
+) -> Result<axum::Json<replay::ReplayReport>, Problem> {
+    let report = replay::replay(&state.pool, &name, body.from, body.to.unwrap_or(i64::MAX))
+        .await
+        .map_err(problem)?;
+    Ok(axum::Json(report))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_letters(
+    State(state): State<AdminState>,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Value>, Problem> {
+    let status = query.status.unwrap_or_else(|| "pending".into());
+    let status = (status != "all").then_some(status.as_str());
+    let letters = dead_letters::list(
+        &state.pool,
+        status,
+        query.limit.unwrap_or(100).clamp(1, 1000),
+    )
+    .await
+    .map_err(problem)?;
+    Ok(axum::Json(json!({ "dead_letters": letters })))
+}
+
+async fn show_letter(
+    State(state): State<AdminState>,
+    Path(id): Path<i64>,
+) -> Result<axum::Json<dead_letters::Shown>, Problem> {
+    Ok(axum::Json(
+        dead_letters::show(&state.pool, id).await.map_err(problem)?,
+    ))
+}
+
+async fn retry_letter(
+    State(state): State<AdminState>,
+    Path(id): Path<i64>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<dead_letters::Shown>, Problem> {
+    Ok(axum::Json(
+        dead_letters::retry(&state.pool, id, &actor(&headers))
+            .await
+            .map_err(problem)?,
+    ))
+}
+
+async fn skip_letter(
+    State(state): State<AdminState>,
+    Path(id): Path<i64>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<dead_letters::Shown>, Problem> {
+    Ok(axum::Json(
+        dead_letters::skip(&state.pool, id, &actor(&headers))
+            .await
+            .map_err(problem)?,
+    ))
+}

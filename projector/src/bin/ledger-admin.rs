@@ -1,0 +1,308 @@
+//! `ledger-admin`: the operator's CLI. Rebuild or dry-run a projection, replay a range,
+//! republish to Kafka, work the dead letters, see every projection's state.
+//!
+//! Output is for people (tables, a progress bar on a terminal) unless `--json` is given.
+
+// A command-line tool: printing is its output.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ledger_platform::config::{parse_database_url, DatabaseUrl};
+use ledger_projector::ops::{self, dead_letters, overview, rebuild, replay, republish};
+use serde::Serialize;
+
+/// Operator commands for the ledger's read models.
+#[derive(Debug, Parser)]
+#[command(name = "ledger-admin", version, about)]
+struct Cli {
+    /// PostgreSQL connection URL. Never logged.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_database_url, hide_env_values = true)]
+    database_url: DatabaseUrl,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Each projection: position, lag, live or rebuilding, version, dead letters.
+    Status,
+    /// Build PROJECTION afresh from the event store beside the live one, then swap it in.
+    Rebuild {
+        /// account_summary, account_statement or owner_totals.
+        projection: String,
+        /// Build the copy and report how it differs from the live model; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+    },
+    /// Re-apply the events at positions FROM..=TO to PROJECTION (idempotent).
+    Replay {
+        projection: String,
+        #[arg(long)]
+        from: i64,
+        #[arg(long, default_value_t = i64::MAX)]
+        to: i64,
+    },
+    /// Send the events from position FROM on to Kafka again.
+    Republish {
+        #[arg(long)]
+        from: i64,
+        #[arg(long, env = "KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long, env = "KAFKA_TOPIC", default_value = "ledger.events")]
+        topic: String,
+    },
+    /// Dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters (pending by default).
+    List {
+        /// pending, retried, skipped, superseded or all.
+        #[arg(long, default_value = "pending")]
+        status: String,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// One dead letter with its raw message and history.
+    Show { id: i64 },
+    /// Apply it again (after a fix).
+    Retry {
+        id: i64,
+        /// Who acts (recorded); defaults to $USER.
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+    },
+    /// Give up on it (it stays recorded as skipped).
+    Skip {
+        id: i64,
+        #[arg(long, env = "USER", default_value = "unknown")]
+        actor: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = ledger_platform::config::parse_or_exit();
+    let pool =
+        match ledger_platform::startup::pool(cli.database_url.0.clone(), 4, Duration::from_secs(5))
+            .await
+        {
+            Ok(pool) => pool,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+    match execute(&cli, &pool).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print<T: Serialize + std::fmt::Debug>(json: bool, value: &T, human: impl FnOnce(&T)) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        human(value);
+    }
+}
+
+async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
+    match &cli.command {
+        Command::Status => {
+            let states = overview::overview(pool).await?;
+            print(cli.json, &states, |states| {
+                println!(
+                    "{:<18} {:<10} {:>10} {:>8} {:>9} {:>8} {:>7} {:>12}",
+                    "projection",
+                    "state",
+                    "position",
+                    "lag",
+                    "lag (s)",
+                    "version",
+                    "dead",
+                    "rebuild at"
+                );
+                for s in states {
+                    println!(
+                        "{:<18} {:<10} {:>10} {:>8} {:>9.1} {:>8} {:>7} {:>12}",
+                        s.name,
+                        s.state,
+                        s.position,
+                        s.lag_events,
+                        s.lag_seconds,
+                        format!(
+                            "{}{}",
+                            s.deployed_version.map_or("-".into(), |v| v.to_string()),
+                            if s.needs_rebuild { "*" } else { "" }
+                        ),
+                        s.dead_letters,
+                        s.rebuild_position.map_or("-".into(), |p| p.to_string()),
+                    );
+                }
+                if states.iter().any(|s| s.needs_rebuild) {
+                    println!("* built by another version of the code: rebuild it");
+                }
+            });
+        }
+        Command::Rebuild {
+            projection,
+            dry_run,
+            batch_size,
+        } => {
+            let bar = if std::io::stderr().is_terminal() && !cli.json {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_message(format!("rebuilding {projection}"));
+                Some(bar)
+            } else {
+                None
+            };
+            let report = rebuild::rebuild(pool, projection, *batch_size, *dry_run, |progress| {
+                if let Some(bar) = &bar {
+                    bar.set_length(u64::try_from(progress.total).unwrap_or(0));
+                    bar.set_position(u64::try_from(progress.events).unwrap_or(0));
+                }
+            })
+            .await?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            print(cli.json, &report, |report| {
+                if report.swapped {
+                    println!(
+                        "{} rebuilt from {} events (up to position {}) and swapped in",
+                        report.projection, report.progress.events, report.progress.position
+                    );
+                } else {
+                    println!(
+                        "dry run of {}: {} events; live model unchanged",
+                        report.projection, report.progress.events
+                    );
+                    for (table, diff) in &report.differences {
+                        if diff.is_empty() {
+                            println!("  {table}: identical");
+                        } else {
+                            println!(
+                                "  {table}: {} missing, {} extra, {} different",
+                                diff.missing.len(),
+                                diff.extra.len(),
+                                diff.different.len()
+                            );
+                            for row in &diff.missing {
+                                println!("    missing   {row}");
+                            }
+                            for row in &diff.extra {
+                                println!("    extra     {row}");
+                            }
+                            for row in &diff.different {
+                                println!("    different {row}");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Command::Replay {
+            projection,
+            from,
+            to,
+        } => {
+            let report = replay::replay(pool, projection, *from, *to).await?;
+            print(cli.json, &report, |r| {
+                println!("replayed {} events into {projection}: {} applied, {} already there, {} dead-lettered", r.events, r.applied, r.duplicates, r.dead_letters);
+            });
+        }
+        Command::Republish {
+            from,
+            brokers,
+            topic,
+        } => {
+            let settings: ledger_relay::config::Settings =
+                ledger_platform::config::try_parse_from([
+                    "ledger-relay",
+                    "--database-url",
+                    "postgres://unused@localhost/unused",
+                    "--kafka-brokers",
+                    brokers.as_str(),
+                    "--kafka-topic",
+                    topic.as_str(),
+                ])
+                .map_err(|err| ops::OpError::Invalid(format!("{err:?}")))?;
+            let sent = republish::republish(pool, &settings, *from).await?;
+            print(cli.json, &serde_json::json!({"republished": sent}), |_| {
+                println!("republished {sent} events from position {from} to {topic}");
+            });
+        }
+        Command::DeadLetters(command) => match command {
+            DeadLetterCommand::List { status, limit } => {
+                let status = (status != "all").then_some(status.as_str());
+                let letters = dead_letters::list(pool, status, *limit).await?;
+                print(cli.json, &letters, |letters| {
+                    println!(
+                        "{:>6} {:<18} {:<10} {:>10} {:<16} reason",
+                        "id", "projection", "status", "position", "event type"
+                    );
+                    for l in letters {
+                        println!(
+                            "{:>6} {:<18} {:<10} {:>10} {:<16} {}",
+                            l.id,
+                            l.projection,
+                            l.status,
+                            l.global_position.map_or("-".into(), |p| p.to_string()),
+                            l.event_type.clone().unwrap_or_else(|| "-".into()),
+                            l.reason
+                        );
+                    }
+                });
+            }
+            DeadLetterCommand::Show { id } => {
+                let shown = dead_letters::show(pool, *id).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&shown).unwrap_or_default()
+                );
+            }
+            DeadLetterCommand::Retry { id, actor } => {
+                let shown = dead_letters::retry(pool, *id, actor).await?;
+                print(cli.json, &shown, |s| {
+                    let last = s.actions.last().map_or("", |a| a.outcome.as_str());
+                    println!("dead letter {}: {} ({last})", s.letter.id, s.letter.status);
+                });
+            }
+            DeadLetterCommand::Skip { id, actor } => {
+                let shown = dead_letters::skip(pool, *id, actor).await?;
+                print(cli.json, &shown, |s| {
+                    println!("dead letter {}: {}", s.letter.id, s.letter.status)
+                });
+            }
+        },
+    }
+    Ok(())
+}
