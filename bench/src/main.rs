@@ -5,6 +5,8 @@
 //! - `relay`: events/s from the store to the broker through `ledger-relay`, beside a
 //!   produce-only ceiling: the same messages, already in memory, sent by the same producer
 //!   code to the same broker.
+//! - `rebuild`: a projection rebuilt from at least 1,000,000 events, beside the ordered-read
+//!   ceiling of the same store (the same commit-safe reads, applying nothing).
 //! - `tail`: prints a topic's messages as a person reads them (key, headers, value), for
 //!   brokers that Debian's kcat cannot talk to (tansu).
 
@@ -42,6 +44,21 @@ enum Bench {
         #[arg(long, default_value_t = 6)]
         partitions: i32,
     },
+    /// Rebuild rate beside the ordered-read ceiling of the same store.
+    Rebuild {
+        /// Accounts to spread the events over.
+        #[arg(long, default_value_t = 1_000)]
+        accounts: i64,
+        /// Events per account.
+        #[arg(long, default_value_t = 1_000)]
+        events_per_account: i64,
+        /// The projection to rebuild.
+        #[arg(long, default_value = "account_summary")]
+        projection: String,
+        /// Events per rebuild transaction.
+        #[arg(long, default_value_t = 1_000)]
+        batch_size: i64,
+    },
     /// Print every message of a topic: key and headers on one line, the value on the next.
     Tail {
         /// Bootstrap servers.
@@ -61,6 +78,12 @@ async fn main() {
             events_per_account,
             partitions,
         } => relay(accounts, events_per_account, partitions).await,
+        Bench::Rebuild {
+            accounts,
+            events_per_account,
+            projection,
+            batch_size,
+        } => rebuild(accounts, events_per_account, &projection, batch_size).await,
         Bench::Tail { brokers, topic } => tail(&brokers, &topic),
     }
 }
@@ -184,6 +207,86 @@ async fn relay(accounts: i64, per_account: i64, partitions: i32) {
     println!(
         "relay / ceiling = {:.2}",
         ceiling.as_secs_f64() / relayed.as_secs_f64()
+    );
+}
+
+async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: i64) {
+    let url = migrated_database().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    // Seed in slices, one transaction each, like many commands would.
+    let slice = 50;
+    let mut first = 1;
+    while first <= accounts {
+        let last = (first + slice - 1).min(accounts);
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', 'bench-' || a, s,
+                    CASE WHEN s = 1 THEN 'AccountOpened' ELSE 'MoneyDeposited' END,
+                    CASE WHEN s = 1 THEN '1' ELSE '2' END,
+                    CASE WHEN s = 1
+                         THEN json_build_object('type', 'AccountOpened', 'owner', 'owner-' || (a % 100), 'currency', 'EUR')
+                         ELSE json_build_object('type', 'MoneyDeposited', 'amount', s, 'currency', 'EUR', 'reference', null) END,
+                    json_build_object('request_id', 'bench')
+               FROM generate_series($1, $2) a, generate_series(1, $3) s",
+        )
+        .bind(first)
+        .bind(last)
+        .bind(per_account)
+        .execute(&pool)
+        .await
+        .unwrap();
+        first = last + 1;
+    }
+    sqlx::query("VACUUM ANALYZE events")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (total, _) = ledger_store::head(&pool).await.unwrap();
+    println!("rebuild benchmark: {total} events over {accounts} accounts; projection {projection}; batch {batch_size}");
+
+    // Ceiling: the same ordered reads the rebuild makes, applying nothing.
+    let started = Instant::now();
+    let mut cursor = LogCursor::default();
+    let mut read = 0usize;
+    loop {
+        let batch = read_after(&pool, cursor, batch_size).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor;
+        read += batch.len();
+    }
+    let ceiling = started.elapsed();
+    assert_eq!(i64::try_from(read).unwrap_or(0), total);
+
+    let started = Instant::now();
+    let report =
+        ledger_projector::ops::rebuild::rebuild(&pool, projection, batch_size, false, |_| {})
+            .await
+            .unwrap();
+    let rebuilt = started.elapsed();
+    assert!(report.swapped);
+
+    let rate = |d: Duration| total as f64 / d.as_secs_f64();
+    println!();
+    println!("| measure | events | seconds | events/s |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| ordered-read ceiling (commit-safe reads by position, batches of {batch_size}) | {total} | {:.2} | {:.0} |",
+        ceiling.as_secs_f64(),
+        rate(ceiling)
+    );
+    println!(
+        "| rebuild {projection} (shadow schema, guards, swap) | {total} | {:.2} | {:.0} |",
+        rebuilt.as_secs_f64(),
+        rate(rebuilt)
+    );
+    println!();
+    println!(
+        "rebuild / ceiling = {:.2}",
+        ceiling.as_secs_f64() / rebuilt.as_secs_f64()
     );
 }
 

@@ -54,6 +54,11 @@ pub struct Settings {
     #[arg(long, env = "PROJECTOR_LISTEN_ADDR", default_value = "127.0.0.1:8082")]
     pub listen_addr: SocketAddr,
 
+    /// Rebuild, at start, every projection whose deployed read model was built by another
+    /// version of the code (otherwise the projector only says a rebuild is needed).
+    #[arg(long, env = "PROJECTOR_AUTO_REBUILD", default_value_t = false)]
+    pub auto_rebuild: bool,
+
     /// Bearer token of the admin API (`/admin/...` on the status port); unset = admin API off.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

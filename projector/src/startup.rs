@@ -41,8 +41,34 @@ impl Application {
             )),
             None => None,
         };
-        if let Err(err) = crate::ops::overview::check_versions(&pool).await {
-            tracing::warn!(error = %err, "cannot check projection versions");
+        match crate::ops::overview::check_versions(&pool).await {
+            Ok(stale) if settings.auto_rebuild => {
+                for projection in stale {
+                    let pool = pool.clone();
+                    let batch_size = settings.batch_size;
+                    tokio::spawn(async move {
+                        tracing::info!(%projection, "rebuilding: built by another version");
+                        match crate::ops::rebuild::rebuild(
+                            &pool,
+                            &projection,
+                            batch_size,
+                            false,
+                            |_| {},
+                        )
+                        .await
+                        {
+                            Ok(report) => {
+                                tracing::info!(%projection, events = report.progress.events, "rebuilt and swapped in")
+                            }
+                            Err(err) => {
+                                tracing::error!(%projection, error = %err, "automatic rebuild failed")
+                            }
+                        }
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot check projection versions"),
         }
         let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         let state = StatusState {

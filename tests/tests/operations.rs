@@ -537,3 +537,76 @@ async fn a_model_built_by_another_version_is_reported_and_a_rebuild_clears_it() 
     );
     assert_eq!(balances_from_events(&url).await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_configured_to_rebuilds_a_stale_model_by_itself() {
+    let url = migrated_database().await;
+    seed(&url, 2, 3).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("INSERT INTO projection_versions (projection, version) VALUES ('owner_totals', 0)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut projector = Projector::start(&url, None, &[("PROJECTOR_AUTO_REBUILD", "true")]).await;
+    projector
+        .process
+        .wait_for_line("rebuilt and swapped in", Duration::from_secs(60))
+        .await;
+    let version: i32 = sqlx::query_scalar(
+        "SELECT version FROM projection_versions WHERE projection = 'owner_totals'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(version, 1);
+    wait_until_projected(&url, DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_sends_the_events_from_a_position_to_kafka_again() {
+    let broker = ledger_e2e::broker::Broker::start().await;
+    let url = migrated_database().await;
+    seed(&url, 2, 9).await; // positions 1..=20
+    let relay = ledger_e2e::services::Relay::start(&url, &broker.address, &[]).await;
+    relay
+        .wait_status("published", DEADLINE, |s| s["published"] == 20)
+        .await;
+    let before = ledger_e2e::kafka::message_count(&broker.address, ledger_e2e::services::TOPIC);
+    assert_eq!(before, 20);
+    let run = admin_with_kafka(
+        &url,
+        &broker.address,
+        &["--json", "republish", "--from", "16"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["republished"], 5);
+    let received =
+        ledger_e2e::kafka::read_all(&broker.address, ledger_e2e::services::TOPIC, 20, DEADLINE);
+    let start = Instant::now();
+    while ledger_e2e::kafka::message_count(&broker.address, ledger_e2e::services::TOPIC) < 25 {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ledger_e2e::kafka::assert_per_aggregate_order(&received);
+}
+
+async fn admin_with_kafka(
+    url: &str,
+    brokers: &str,
+    args: &[&str],
+) -> ledger_e2e::services::AdminRun {
+    let output = tokio::process::Command::new(binary("ledger-admin"))
+        .args(args)
+        .env_clear()
+        .env("DATABASE_URL", url)
+        .env("KAFKA_BROKERS", brokers)
+        .output()
+        .await
+        .unwrap();
+    ledger_e2e::services::AdminRun {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
