@@ -32,6 +32,13 @@ pub struct LogEntry {
     pub event: RecordedEvent,
 }
 
+/// The columns every event read selects (one place, so every reader gets the same row).
+const SELECT_EVENTS: &str =
+    "SELECT transaction_id::text::bigint AS transaction_id, global_position,
+        event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+        metadata, recorded_at
+   FROM events";
+
 #[derive(sqlx::FromRow)]
 struct Row {
     transaction_id: i64,
@@ -55,16 +62,13 @@ pub async fn read_after(
     after: LogCursor,
     limit: i64,
 ) -> Result<Vec<LogEntry>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
-                aggregate_type, aggregate_id, sequence, event_type, event_version,
-                payload, metadata, recorded_at
-           FROM events
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "{SELECT_EVENTS}
           WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
           ORDER BY transaction_id, global_position
-          LIMIT $3",
-    )
+          LIMIT $3"
+    ))
     .bind(after.transaction_id.to_string())
     .bind(after.global_position)
     .bind(limit)
@@ -82,14 +86,11 @@ pub async fn events_of(
     from: i64,
     to: i64,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
-                aggregate_type, aggregate_id, sequence, event_type, event_version,
-                payload, metadata, recorded_at
-           FROM events
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "{SELECT_EVENTS}
           WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence BETWEEN $3 AND $4
-          ORDER BY sequence",
-    )
+          ORDER BY sequence"
+    ))
     .bind(aggregate_type)
     .bind(aggregate_id)
     .bind(from)
@@ -107,15 +108,12 @@ pub async fn read_positions(
     to: i64,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
-                aggregate_type, aggregate_id, sequence, event_type, event_version,
-                payload, metadata, recorded_at
-           FROM events
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "{SELECT_EVENTS}
           WHERE global_position BETWEEN $1 AND $2
           ORDER BY global_position
-          LIMIT $3",
-    )
+          LIMIT $3"
+    ))
     .bind(from)
     .bind(to)
     .bind(limit)
@@ -129,15 +127,10 @@ pub async fn event_by_id(
     pool: &PgPool,
     event_id: Uuid,
 ) -> Result<Option<RecordedEvent>, sqlx::Error> {
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint AS transaction_id, global_position, event_id,
-                aggregate_type, aggregate_id, sequence, event_type, event_version,
-                payload, metadata, recorded_at
-           FROM events WHERE event_id = $1",
-    )
-    .bind(event_id)
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<Row> = sqlx::query_as(&format!("{SELECT_EVENTS} WHERE event_id = $1"))
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await?;
     Ok(row.map(|row| row.into_entry().event))
 }
 
