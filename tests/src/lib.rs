@@ -16,3 +16,26 @@ pub mod services;
 
 pub use ledger_platform::testing::{empty_database, fresh_database};
 pub use process::{binary, free_port, wait_until_ready, Process};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `probe` every 50 ms until it gives `Ok`, and returns that; panics after `deadline`
+/// with `what` and the last `Err` (what was observed instead).
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                start.elapsed() < deadline,
+                "never {what} within {deadline:?}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -314,11 +314,17 @@ impl AdminRun {
 
 /// Runs `ledger-admin` with `args` against `database_url`, to completion.
 pub async fn admin(database_url: &str, args: &[&str]) -> AdminRun {
+    admin_with(database_url, &[], args).await
+}
+
+/// Like [`admin`], with more environment (e.g. `KAFKA_BROKERS`).
+pub async fn admin_with(database_url: &str, env: &[(&str, &str)], args: &[&str]) -> AdminRun {
     let output = tokio::process::Command::new(binary("ledger-admin"))
         .args(args)
         .env_clear()
         .env("DATABASE_URL", database_url)
         .env("USER", "tester")
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("ledger-admin runs");

@@ -5,14 +5,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::join_all;
 use ledger_e2e::services::{
-    admin, balances_from_events, migrated_database, seed, wait_until_projected, CommandApi,
-    Projector, QueryApi,
+    admin, admin_with, balances_from_events, migrated_database, seed, wait_until_projected,
+    CommandApi, Projector, QueryApi,
 };
-use ledger_e2e::{binary, Process};
+use ledger_e2e::{binary, eventually, Process};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
@@ -180,21 +180,20 @@ async fn a_rebuild_killed_half_way_resumes_and_finishes_with_the_same_result() {
         &[("DATABASE_URL", url.as_str())],
     );
     // Kill it once the shadow holds some, not all, of the events.
-    let mut conn = PgConnection::connect(&url).await.unwrap();
-    let start = Instant::now();
-    loop {
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let shadow = &pool;
+    eventually(DEADLINE, "progressed 300 events", || async move {
         let done: Option<i64> = sqlx::query_scalar(
             "SELECT events_applied FROM rebuild_account_statement.projection_checkpoints",
         )
-        .fetch_optional(&mut conn)
+        .fetch_optional(shadow)
         .await
         .unwrap_or(None);
-        if done.is_some_and(|n| n >= 300) {
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "the rebuild never progressed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        done.filter(|n| *n >= 300)
+            .map(|_| ())
+            .ok_or_else(|| format!("{done:?}"))
+    })
+    .await;
     first.signal(Signal::SIGKILL);
     first.exit_code(Duration::from_secs(10)).await;
     let status = admin(&url, &["--json", "status"]).await.json();
@@ -321,16 +320,16 @@ async fn dead_letters_are_listed_shown_retried_and_skipped_with_who_and_when() {
     .await
     .unwrap();
     let _projector = Projector::start(&url, None, &[]).await;
-    let start = Instant::now();
-    let letters = loop {
-        let run = admin(&url, &["--json", "dead-letters", "list"]).await;
-        let letters = run.json();
+    let db = url.as_str();
+    let letters = eventually(DEADLINE, "three dead letters", || async move {
+        let letters = admin(db, &["--json", "dead-letters", "list"]).await.json();
         if letters.as_array().unwrap().len() == 3 {
-            break letters;
+            Ok(letters)
+        } else {
+            Err(letters.to_string())
         }
-        assert!(start.elapsed() < DEADLINE, "{letters}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let id_of = |projection: &str| {
         letters
             .as_array()
@@ -460,13 +459,10 @@ async fn the_admin_api_needs_its_token_and_runs_a_dry_run_rebuild() {
         .await
         .unwrap();
     assert_eq!(started.status(), 202);
-    let start = Instant::now();
-    let job = loop {
+    let (client, base) = (&client, projector.base.as_str());
+    let job = eventually(DEADLINE, "finished the dry run", || async move {
         let job: Value = client
-            .get(format!(
-                "{}/admin/projections/owner_totals/rebuild",
-                projector.base
-            ))
+            .get(format!("{base}/admin/projections/owner_totals/rebuild"))
             .bearer_auth("s3cret-admin")
             .send()
             .await
@@ -475,11 +471,12 @@ async fn the_admin_api_needs_its_token_and_runs_a_dry_run_rebuild() {
             .await
             .unwrap();
         if job["running"] == false {
-            break job;
+            Ok(job)
+        } else {
+            Err(job.to_string())
         }
-        assert!(start.elapsed() < DEADLINE, "{job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert!(job["error"].is_null(), "{job}");
     assert!(no_differences(&job["report"]), "{job}");
     assert_eq!(job["progress"]["events"], 18);
@@ -573,40 +570,21 @@ async fn republish_sends_the_events_from_a_position_to_kafka_again() {
         .await;
     let before = ledger_e2e::kafka::message_count(&broker.address, ledger_e2e::services::TOPIC);
     assert_eq!(before, 20);
-    let run = admin_with_kafka(
+    let run = admin_with(
         &url,
-        &broker.address,
+        &[("KAFKA_BROKERS", broker.address.as_str())],
         &["--json", "republish", "--from", "16"],
     )
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.json()["republished"], 5);
-    let received =
-        ledger_e2e::kafka::read_all(&broker.address, ledger_e2e::services::TOPIC, 20, DEADLINE);
-    let start = Instant::now();
-    while ledger_e2e::kafka::message_count(&broker.address, ledger_e2e::services::TOPIC) < 25 {
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The 5 re-sent events arrive again after the 20, each with its id, in order.
+    let received = ledger_e2e::kafka::read_available(
+        &broker.address,
+        ledger_e2e::services::TOPIC,
+        Duration::from_secs(2),
+        DEADLINE,
+    );
+    assert_eq!(received.len(), 25);
     ledger_e2e::kafka::assert_per_aggregate_order(&received);
-}
-
-async fn admin_with_kafka(
-    url: &str,
-    brokers: &str,
-    args: &[&str],
-) -> ledger_e2e::services::AdminRun {
-    let output = tokio::process::Command::new(binary("ledger-admin"))
-        .args(args)
-        .env_clear()
-        .env("DATABASE_URL", url)
-        .env("KAFKA_BROKERS", brokers)
-        .output()
-        .await
-        .unwrap();
-    ledger_e2e::services::AdminRun {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use ledger_e2e::broker::Broker;
+use ledger_e2e::eventually;
 use ledger_e2e::services::{
     balances_from_events, balances_in_read_model, migrated_database, wait_until_projected,
     CommandApi, Projector, QueryApi, Relay, TOPIC,
@@ -226,20 +227,15 @@ async fn delivering_every_event_again_changes_no_balance() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        let status = s.projector.status().await;
-        let duplicates = status["process"]["duplicates"].as_i64().unwrap();
+    let projector = &s.projector;
+    eventually(DEADLINE, "re-delivered", || async move {
+        let status = projector.status().await;
         // Three projections skip each re-delivered event.
-        if duplicates >= events * 3 {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "re-deliveries never arrived: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (status["process"]["duplicates"].as_i64().unwrap() >= events * 3)
+            .then_some(())
+            .ok_or_else(|| status.to_string())
+    })
+    .await;
     assert_eq!(balances_in_read_model(&s.url).await, before);
     assert_eq!(
         balances_in_read_model(&s.url).await,
@@ -277,20 +273,16 @@ async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_even
         })
     };
     // Kill it once it has applied some, while writes go on.
-    let start = std::time::Instant::now();
-    loop {
-        let applied = s.projector.status().await["process"]["applied"]
+    let projector = &s.projector;
+    eventually(DEADLINE, "started applying", || async move {
+        let applied = projector.status().await["process"]["applied"]
             .as_i64()
             .unwrap();
-        if applied > 60 {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "projector never started applying"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (applied > 60)
+            .then_some(())
+            .ok_or_else(|| applied.to_string())
+    })
+    .await;
     s.projector.process.signal(Signal::SIGKILL);
     s.projector.process.exit_code(Duration::from_secs(10)).await;
     s.projector = Projector::start(&s.url, Some(&s.broker.address), &[]).await;
@@ -317,22 +309,16 @@ async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_even
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        let status = s.projector.status().await;
+    let projector = &s.projector;
+    eventually(DEADLINE, "caught up in /status", || async move {
+        let status = projector.status().await;
         let caught_up =
             status["projections"].as_array().unwrap().iter().all(|p| {
                 p["lag_events"] == 0 && p["last_position"] == head && p["lag_seconds"] == 0.0
             });
-        if caught_up {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "status never caught up: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        caught_up.then_some(()).ok_or_else(|| status.to_string())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,20 +363,23 @@ async fn a_poison_event_and_an_unreadable_message_go_to_dead_letters_and_the_pro
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["balance"], 42);
 
-    let start = std::time::Instant::now();
-    let letters: Vec<(String, String, Option<String>, Option<i32>)> = loop {
-        let letters = sqlx::query_as(
-            "SELECT projection, reason, event_type, kafka_partition FROM dead_letters ORDER BY id",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-        if letters.len() >= 4 {
-            break letters;
-        }
-        assert!(start.elapsed() < DEADLINE, "dead letters: {letters:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = s.url.as_str();
+    let letters: Vec<(String, String, Option<String>, Option<i32>)> =
+        eventually(DEADLINE, "four dead letters", || async move {
+            let mut conn = PgConnection::connect(url).await.unwrap();
+            let letters: Vec<(String, String, Option<String>, Option<i32>)> = sqlx::query_as(
+                "SELECT projection, reason, event_type, kafka_partition FROM dead_letters ORDER BY id",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            if letters.len() >= 4 {
+                Ok(letters)
+            } else {
+                Err(format!("{letters:?}"))
+            }
+        })
+        .await;
     let poison: Vec<_> = letters
         .iter()
         .filter(|l| l.2.as_deref() == Some("MoneyTeleported"))
@@ -604,19 +593,20 @@ async fn a_missing_sequence_is_repaired_from_the_store_never_skipped() {
                 .unwrap();
         }
     }
-    let start = std::time::Instant::now();
-    loop {
-        let (status, _, body) = s.query.get("/v1/accounts/holey").await;
+    let query = &s.query;
+    let body = eventually(DEADLINE, "projected to version 3", || async move {
+        let (status, _, body) = query.get("/v1/accounts/holey").await;
         if status == 200 && body["version"] == 3 {
-            assert_eq!(
-                body["balance"], 320,
-                "the missing deposit was applied: {body}"
-            );
-            break;
+            Ok(body)
+        } else {
+            Err(body.to_string())
         }
-        assert!(start.elapsed() < DEADLINE, "never projected: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        body["balance"], 320,
+        "the missing deposit was applied: {body}"
+    );
     let (_, _, page) = s.query.get("/v1/accounts/holey/statement").await;
     let sequences: Vec<i64> = page["entries"]
         .as_array()
