@@ -56,28 +56,13 @@ async fn a_command_that_loses_the_race_with_no_retries_left_is_answered_409_and_
         .unwrap();
     let mut tx = rival.begin().await.unwrap();
     hold_next_sequence(&mut tx, id, 2).await;
-    let request = {
-        let client = app.client.clone();
-        let url = format!("{}/v1/accounts/{id}/deposits", app.address);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&serde_json::json!({"amount": 500, "currency": "EUR"}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let request = app.spawn_deposit(id, 500);
     wait_for_lock_waiter(&app.pool).await;
     tx.commit().await.unwrap(); // the rival wins version 2
-    let response = request.await.unwrap();
-    assert_eq!(response.status(), 409);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "concurrency_conflict");
+    request
+        .await
+        .unwrap()
+        .assert_problem(409, "concurrency_conflict");
     // Only the rival's deposit of 1 is there.
     assert_eq!(app.events_of(id).await.len(), 2);
     assert_eq!(app.balance_from_events(id).await, 1);
@@ -92,25 +77,11 @@ async fn a_command_that_loses_the_race_is_retried_on_the_new_state() {
         .unwrap();
     let mut tx = rival.begin().await.unwrap();
     hold_next_sequence(&mut tx, id, 2).await;
-    let request = {
-        let client = app.client.clone();
-        let url = format!("{}/v1/accounts/{id}/deposits", app.address);
-        tokio::spawn(async move {
-            let response = client
-                .post(url)
-                .json(&serde_json::json!({"amount": 500, "currency": "EUR"}))
-                .send()
-                .await
-                .unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<serde_json::Value>().await.unwrap(),
-            )
-        })
-    };
+    let request = app.spawn_deposit(id, 500);
     wait_for_lock_waiter(&app.pool).await;
     tx.commit().await.unwrap();
-    let (status, body) = request.await.unwrap();
+    let answer = request.await.unwrap();
+    let (status, body) = (answer.status, answer.body);
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 3);
     assert_eq!(body["balance"], 501);

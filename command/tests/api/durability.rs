@@ -91,27 +91,14 @@ async fn the_answer_waits_for_the_commit() {
         .unwrap();
     let mut tx = blocker.begin().await.unwrap();
     hold_next_sequence(&mut tx, id, 2).await;
-    let request = {
-        let client = app.client.clone();
-        let url = format!("{}/v1/accounts/{id}/deposits", app.address);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({"amount": 5, "currency": "EUR"}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let request = app.spawn_deposit(id, 5);
     wait_for_lock_waiter(&app.pool).await;
     assert!(
         !request.is_finished(),
         "answered before its commit could happen"
     );
     tx.rollback().await.unwrap();
-    assert_eq!(request.await.unwrap(), 200);
+    assert_eq!(request.await.unwrap().status, 200);
     assert_eq!(app.balance_from_events(id).await, 5);
 }
 

@@ -193,6 +193,16 @@ impl TestApp {
         .await
     }
 
+    /// Sends a deposit in a task of its own, for tests that block it in the database and
+    /// watch it wait.
+    pub fn spawn_deposit(&self, account: Uuid, amount: i64) -> tokio::task::JoinHandle<Answer> {
+        let request = self
+            .client
+            .post(format!("{}/v1/accounts/{account}/deposits", self.address))
+            .json(&json!({"amount": amount, "currency": "EUR"}));
+        tokio::spawn(async move { answer(request.send().await.expect("request sent")).await })
+    }
+
     pub async fn close(&self, account: Uuid, key: Option<&str>) -> Answer {
         self.post(&format!("/v1/accounts/{account}/close"), &Value::Null, key)
             .await
