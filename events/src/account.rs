@@ -2,6 +2,7 @@
 
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::money::{Amount, Currency};
 
@@ -31,6 +32,33 @@ pub enum AccountEvent {
     },
     /// The account was closed at a zero balance; it accepts nothing after this.
     AccountClosed {},
+    /// The source leg of a transfer: money left this account for `to`. The transfer's
+    /// process manager settles or refunds it later.
+    TransferSent {
+        transfer_id: Uuid,
+        to: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// The destination leg of a transfer: money arrived from `from`.
+    TransferReceived {
+        transfer_id: Uuid,
+        from: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// A transfer sent from this account could not be credited to its destination; the
+    /// money came back. `code` and `reason` are the destination's refusal.
+    TransferRefunded {
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+        code: String,
+        reason: String,
+    },
+    /// A transfer sent from this account was credited to its destination: nothing of it is
+    /// in flight any more (moves no money).
+    TransferSettled { transfer_id: Uuid },
 }
 
 impl AccountEvent {
@@ -42,6 +70,14 @@ impl AccountEvent {
     pub const WITHDRAWN: &'static str = "MoneyWithdrawn";
     /// Type name of [`AccountEvent::AccountClosed`].
     pub const CLOSED: &'static str = "AccountClosed";
+    /// Type name of [`AccountEvent::TransferSent`].
+    pub const TRANSFER_SENT: &'static str = "TransferSent";
+    /// Type name of [`AccountEvent::TransferReceived`].
+    pub const TRANSFER_RECEIVED: &'static str = "TransferReceived";
+    /// Type name of [`AccountEvent::TransferRefunded`].
+    pub const TRANSFER_REFUNDED: &'static str = "TransferRefunded";
+    /// Type name of [`AccountEvent::TransferSettled`].
+    pub const TRANSFER_SETTLED: &'static str = "TransferSettled";
 
     /// The type name stored in `events.event_type` and in the payload's `type` member.
     pub fn type_name(&self) -> &'static str {
@@ -50,13 +86,47 @@ impl AccountEvent {
             Self::MoneyDeposited { .. } => Self::DEPOSITED,
             Self::MoneyWithdrawn { .. } => Self::WITHDRAWN,
             Self::AccountClosed {} => Self::CLOSED,
+            Self::TransferSent { .. } => Self::TRANSFER_SENT,
+            Self::TransferReceived { .. } => Self::TRANSFER_RECEIVED,
+            Self::TransferRefunded { .. } => Self::TRANSFER_REFUNDED,
+            Self::TransferSettled { .. } => Self::TRANSFER_SETTLED,
+        }
+    }
+
+    /// How the event changes the balance, in signed minor units (positive in, negative
+    /// out, 0 for events that move no money).
+    pub fn balance_delta(&self) -> i64 {
+        match self {
+            Self::MoneyDeposited { amount, .. }
+            | Self::TransferReceived { amount, .. }
+            | Self::TransferRefunded { amount, .. } => amount.minor_units(),
+            Self::MoneyWithdrawn { amount, .. } | Self::TransferSent { amount, .. } => {
+                -amount.minor_units()
+            }
+            Self::AccountOpened { .. } | Self::AccountClosed {} | Self::TransferSettled { .. } => 0,
+        }
+    }
+
+    /// The transfer this event is a leg of, if any.
+    pub fn transfer_id(&self) -> Option<Uuid> {
+        match self {
+            Self::TransferSent { transfer_id, .. }
+            | Self::TransferReceived { transfer_id, .. }
+            | Self::TransferRefunded { transfer_id, .. }
+            | Self::TransferSettled { transfer_id } => Some(*transfer_id),
+            _ => None,
         }
     }
 
     /// The schema version today's code writes for this event type.
     pub fn current_version(event_type: &str) -> Option<&'static str> {
         match event_type {
-            Self::OPENED | Self::CLOSED => Some("1"),
+            Self::OPENED
+            | Self::CLOSED
+            | Self::TRANSFER_SENT
+            | Self::TRANSFER_RECEIVED
+            | Self::TRANSFER_REFUNDED
+            | Self::TRANSFER_SETTLED => Some("1"),
             // v2 added `reference`.
             Self::DEPOSITED | Self::WITHDRAWN => Some("2"),
             _ => None,
@@ -108,6 +178,10 @@ mod tests {
             json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null}),
             json!({"type": "MoneyWithdrawn", "amount": 1, "currency": "EUR", "reference": null}),
             json!({"type": "AccountClosed"}),
+            json!({"type": "TransferSent", "transfer_id": Uuid::nil(), "to": Uuid::nil(), "amount": 1, "currency": "EUR"}),
+            json!({"type": "TransferReceived", "transfer_id": Uuid::nil(), "from": Uuid::nil(), "amount": 1, "currency": "EUR"}),
+            json!({"type": "TransferRefunded", "transfer_id": Uuid::nil(), "amount": 1, "currency": "EUR", "code": "account_closed", "reason": "closed"}),
+            json!({"type": "TransferSettled", "transfer_id": Uuid::nil()}),
         ];
         for payload in events {
             let event: AccountEvent = serde_json::from_value(payload).unwrap();

@@ -2,12 +2,14 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::SerializedEvent;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::account::{AccountEvent, ACCOUNT_AGGREGATE_TYPE};
 use crate::metadata::Metadata;
+use crate::transfer::{TransferEvent, TRANSFER_AGGREGATE_TYPE};
 use crate::upcast::upcasters;
 
 /// One stored event: the payload as written plus its place in the log.
@@ -63,13 +65,53 @@ pub enum DecodeError {
     },
 }
 
+/// An event of any aggregate of the ledger, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerEvent {
+    /// An account event.
+    Account(AccountEvent),
+    /// A transfer event.
+    Transfer(TransferEvent),
+}
+
 impl RecordedEvent {
+    /// Reads the event, whatever its aggregate, through the upcaster chain.
+    pub fn decode(&self) -> Result<LedgerEvent, DecodeError> {
+        match self.aggregate_type.as_str() {
+            ACCOUNT_AGGREGATE_TYPE => self.decode_account().map(LedgerEvent::Account),
+            TRANSFER_AGGREGATE_TYPE => self.decode_transfer().map(LedgerEvent::Transfer),
+            other => Err(DecodeError::UnknownAggregate(other.to_owned())),
+        }
+    }
+
     /// Reads an account event through the upcaster chain.
     pub fn decode_account(&self) -> Result<AccountEvent, DecodeError> {
-        if self.aggregate_type != ACCOUNT_AGGREGATE_TYPE {
+        self.decode_as(
+            ACCOUNT_AGGREGATE_TYPE,
+            AccountEvent::current_version,
+            AccountEvent::type_name,
+        )
+    }
+
+    /// Reads a transfer event through the upcaster chain.
+    pub fn decode_transfer(&self) -> Result<TransferEvent, DecodeError> {
+        self.decode_as(
+            TRANSFER_AGGREGATE_TYPE,
+            TransferEvent::current_version,
+            TransferEvent::type_name,
+        )
+    }
+
+    fn decode_as<E: DeserializeOwned>(
+        &self,
+        aggregate_type: &str,
+        current_version: fn(&str) -> Option<&'static str>,
+        type_name: fn(&E) -> &'static str,
+    ) -> Result<E, DecodeError> {
+        if self.aggregate_type != aggregate_type {
             return Err(DecodeError::UnknownAggregate(self.aggregate_type.clone()));
         }
-        let expected = AccountEvent::current_version(&self.event_type)
+        let expected = current_version(&self.event_type)
             .ok_or_else(|| DecodeError::UnknownType(self.event_type.clone()))?;
         let mut serialized = SerializedEvent::new(
             self.aggregate_id.clone(),
@@ -94,18 +136,18 @@ impl RecordedEvent {
                 expected,
             });
         }
-        let event: AccountEvent = serde_json::from_value(serialized.payload).map_err(|source| {
+        let event: E = serde_json::from_value(serialized.payload).map_err(|source| {
             DecodeError::Malformed {
                 event_type: self.event_type.clone(),
                 version: self.event_version.clone(),
                 source,
             }
         })?;
-        if event.type_name() != self.event_type {
+        if type_name(&event) != self.event_type {
             return Err(DecodeError::UnknownType(format!(
                 "{} (payload says {})",
                 self.event_type,
-                event.type_name()
+                type_name(&event)
             )));
         }
         Ok(event)
@@ -185,5 +227,26 @@ mod tests {
             json!({"type": "AccountOpened", "owner": "x", "currency": "EUR"}),
         );
         assert!(mislabelled.decode_account().is_err());
+    }
+
+    #[test]
+    fn decode_reads_each_aggregate_type_and_refuses_unknown_ones() {
+        let mut transfer = recorded("TransferDebited", "1", json!({"type": "TransferDebited"}));
+        transfer.aggregate_type = TRANSFER_AGGREGATE_TYPE.into();
+        assert_eq!(
+            transfer.decode().unwrap(),
+            LedgerEvent::Transfer(TransferEvent::TransferDebited {})
+        );
+        let account = recorded("AccountClosed", "1", json!({"type": "AccountClosed"}));
+        assert_eq!(
+            account.decode().unwrap(),
+            LedgerEvent::Account(AccountEvent::AccountClosed {})
+        );
+        let mut alien = account.clone();
+        alien.aggregate_type = "invoice".into();
+        assert!(matches!(
+            alien.decode(),
+            Err(DecodeError::UnknownAggregate(_))
+        ));
     }
 }

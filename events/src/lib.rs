@@ -8,6 +8,8 @@
 //!
 //! - [`money`]: [`Currency`] (ISO 4217) and [`Amount`] (positive integer minor units).
 //! - [`account`]: the account events ([`AccountEvent`]), their type names and schema versions.
+//! - [`transfer`]: the transfer events ([`TransferEvent`]) and the money-moving steps of a
+//!   transfer ([`TransferStep`]), each taken at most once.
 //! - [`metadata`]: what travels with every event besides its payload (request, correlation
 //!   and causation ids, idempotency key).
 //! - [`envelope`]: [`RecordedEvent`], an event as stored: id, aggregate, per-aggregate
@@ -26,9 +28,11 @@ pub mod envelope;
 pub mod kafka;
 pub mod metadata;
 pub mod money;
+pub mod transfer;
 pub mod upcast;
 
 pub use account::{AccountEvent, ACCOUNT_AGGREGATE_TYPE};
-pub use envelope::{DecodeError, RecordedEvent};
+pub use envelope::{DecodeError, LedgerEvent, RecordedEvent};
 pub use metadata::Metadata;
 pub use money::{Amount, AmountError, Currency, CurrencyError};
+pub use transfer::{TransferEvent, TransferStep, TRANSFER_AGGREGATE_TYPE};

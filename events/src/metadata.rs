@@ -31,6 +31,11 @@ pub struct Metadata {
     /// The id of the command attempt that appended the event, unique per attempt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
+    /// The transfer step (`<transfer id>/debit|credit|settle`) this event settles. A trigger
+    /// claims it in `transfer_steps` in the event's own transaction, so each step is taken
+    /// at most once, whichever aggregate takes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_step: Option<String>,
     /// Any other keys, preserved as they are.
     #[serde(flatten)]
     pub extra: HashMap<String, String>,
@@ -47,6 +52,7 @@ impl Metadata {
             ("idempotency_key", &self.idempotency_key),
             ("request_hash", &self.request_hash),
             ("command_id", &self.command_id),
+            ("transfer_step", &self.transfer_step),
         ];
         for (key, value) in fields {
             if let Some(value) = value {
@@ -73,6 +79,7 @@ impl Metadata {
             idempotency_key: map.remove("idempotency_key"),
             request_hash: map.remove("request_hash"),
             command_id: map.remove("command_id"),
+            transfer_step: map.remove("transfer_step"),
             extra: map,
         }
     }
@@ -121,6 +128,7 @@ mod tests {
             idempotency_key: Some("key-1".into()),
             request_hash: None,
             command_id: Some("cmd-1".into()),
+            transfer_step: Some("t/debit".into()),
             extra,
         };
         let map = metadata.to_map();
