@@ -1,55 +1,66 @@
-//! The command service: load the account, let it decide, append the events; on a version
+//! The command service: load the aggregate, let it decide, append the events; on a version
 //! conflict, retry a bounded number of times with jittered backoff (promise 2: one writer
 //! wins, the loser retries on fresh state or is answered 409).
+//!
+//! One [`Ledger`] per aggregate type: accounts for the HTTP API, accounts and transfers for
+//! the transfer process manager.
 
 use std::time::Duration;
 
+use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, EventStore};
-use ledger_events::{Metadata, ACCOUNT_AGGREGATE_TYPE};
+use ledger_events::Metadata;
 use rand::Rng;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::domain::{Account, AccountCommand, AccountError};
+use crate::domain::{Account, Decider};
 use crate::idempotency;
-use crate::store::{self, AccountStore};
+use crate::store::{self, LedgerRepository};
+use crate::transfer_steps::{self, StepClaim};
 use ledger_store::positions;
 
 /// One command with its metadata.
 #[derive(Debug, Clone)]
-pub struct Intent {
-    /// The account the command is for.
-    pub account_id: Uuid,
+pub struct Intent<A: Decider = Account> {
+    /// The aggregate the command is for.
+    pub aggregate_id: Uuid,
     /// What to do.
-    pub command: AccountCommand,
-    /// Request/correlation ids and idempotency key, copied onto every event.
+    pub command: A::Command,
+    /// Request/correlation ids, idempotency key and transfer step, copied onto every event.
     pub metadata: Metadata,
 }
 
 /// The state after a command, and where its last event sits in the log.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
-    /// The account.
-    pub account_id: Uuid,
+pub struct Outcome<A: Decider = Account> {
+    /// The aggregate.
+    pub aggregate_id: Uuid,
     /// Its state after the command.
-    pub account: Account,
+    pub state: A,
     /// Its version: the sequence of its last event.
     pub version: i64,
-    /// Global position of the command's last event: the read-your-writes token.
+    /// Global position of the command's last event (or of the aggregate's last event when
+    /// the command had nothing left to do): the read-your-writes token.
     pub position: i64,
+    /// How many events the command appended (0 when it was already done).
+    pub appended: usize,
 }
 
 /// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
+pub enum LedgerError<E: std::error::Error = crate::domain::AccountError> {
     /// A domain rule refused it; nothing was written.
     #[error(transparent)]
-    Rejected(#[from] AccountError),
+    Rejected(E),
     /// Its idempotency key was claimed by a concurrent request first.
     #[error("the idempotency key was claimed by a concurrent request")]
     KeyTaken,
-    /// Every attempt lost the race for the account's next version.
-    #[error("concurrent updates to the account; gave up after {attempts} attempts")]
+    /// Its transfer step was taken by another event (this command's or another's).
+    #[error("transfer step {} was already taken by {}", .0.step, .0.event_type)]
+    StepTaken(StepClaim),
+    /// Every attempt lost the race for the aggregate's next version.
+    #[error("concurrent updates to the aggregate; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
     /// PostgreSQL is unreachable or saturated.
     #[error("the event store is unavailable: {0}")]
@@ -90,45 +101,59 @@ impl RetryPolicy {
     }
 }
 
-/// Executes account commands against the event store.
-pub struct Ledger {
+/// Executes commands of one aggregate type against the event store.
+pub struct Ledger<A: Decider = Account> {
     pool: PgPool,
-    store: AccountStore,
+    store: PersistedEventStore<LedgerRepository, A>,
     retry: RetryPolicy,
 }
 
-impl std::fmt::Debug for Ledger {
+impl<A: Decider> std::fmt::Debug for Ledger<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger")
+            .field("aggregate_type", &A::TYPE)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
 
-impl Ledger {
+impl<A> Ledger<A>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+{
     /// A ledger over `pool`, snapshotting every `snapshot_every` events.
     pub fn new(pool: PgPool, snapshot_every: usize, retry: RetryPolicy) -> Self {
         Self {
-            store: store::account_store(pool.clone(), snapshot_every),
+            store: store::event_store(pool.clone(), snapshot_every),
             pool,
             retry,
         }
     }
 
     /// Carries out `intent`: at most one set of events is appended, and only a returned
-    /// `Ok` means they are committed.
-    #[tracing::instrument(skip_all, fields(account_id = %intent.account_id))]
-    pub async fn execute(&self, intent: Intent) -> Result<Outcome, LedgerError> {
-        let aggregate_id = intent.account_id.to_string();
+    /// `Ok` means they are committed. A command the aggregate has nothing left to do for
+    /// appends nothing and answers the current state.
+    #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %intent.aggregate_id))]
+    pub async fn execute(&self, intent: Intent<A>) -> Result<Outcome<A>, LedgerError<A::Error>> {
+        let aggregate_id = intent.aggregate_id.to_string();
         for attempt in 0..=self.retry.max_retries {
             let context = self
                 .store
                 .load_aggregate(&aggregate_id)
                 .await
                 .map_err(classify)?;
-            let events = context.aggregate.decide(intent.command.clone())?;
-            let mut account = context.aggregate.clone();
-            events.iter().for_each(|event| account.fold(event));
+            let events = context
+                .aggregate
+                .decide(intent.command.clone())
+                .map_err(LedgerError::Rejected)?;
+            let mut state = context.aggregate.clone();
+            events.iter().for_each(|event| state.fold(event));
+            let appended = events.len();
+            if events.is_empty() {
+                let version = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
+                return self.outcome(intent.aggregate_id, state, version, 0).await;
+            }
 
             let mut metadata = intent.metadata.clone();
             let command_id = Uuid::now_v7().to_string();
@@ -143,21 +168,9 @@ impl Ledger {
                         .last()
                         .and_then(|e| i64::try_from(e.sequence).ok())
                         .ok_or_else(|| LedgerError::Internal("commit returned no events".into()))?;
-                    let position = positions::global_position(
-                        &self.pool,
-                        ACCOUNT_AGGREGATE_TYPE,
-                        &aggregate_id,
-                        version,
-                    )
-                    .await
-                    .map_err(sql_error)?
-                    .ok_or_else(|| LedgerError::Internal("committed event not found".into()))?;
-                    return Ok(Outcome {
-                        account_id: intent.account_id,
-                        account,
-                        version,
-                        position,
-                    });
+                    return self
+                        .outcome(intent.aggregate_id, state, version, appended)
+                        .await;
                 }
                 Err(AggregateError::AggregateConflict) => {
                     if let Some(key) = &intent.metadata.idempotency_key {
@@ -166,6 +179,14 @@ impl Ledger {
                             .map_err(sql_error)?
                         {
                             return Err(LedgerError::KeyTaken);
+                        }
+                    }
+                    if let Some(step) = &intent.metadata.transfer_step {
+                        if let Some(claim) = transfer_steps::find(&self.pool, step)
+                            .await
+                            .map_err(sql_error)?
+                        {
+                            return Err(LedgerError::StepTaken(claim));
                         }
                     }
                     tracing::debug!(attempt, "version conflict, retrying");
@@ -183,32 +204,46 @@ impl Ledger {
         })
     }
 
+    /// The aggregate's current state and version (0 when it has no events).
+    pub async fn load(&self, aggregate_id: Uuid) -> Result<(A, i64), LedgerError<A::Error>> {
+        let context = self
+            .store
+            .load_aggregate(&aggregate_id.to_string())
+            .await
+            .map_err(classify)?;
+        let version = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
+        Ok((context.aggregate, version))
+    }
+
     /// The outcome of an earlier command whose last event is `appended`, folded from the
     /// store (used when a duplicate request finds its key claimed but no answer stored, e.g.
     /// because the process died between commit and response).
     pub async fn outcome_at(
         &self,
         appended: &idempotency::Appended,
-    ) -> Result<Outcome, LedgerError> {
-        let account_id = Uuid::parse_str(&appended.aggregate_id)
-            .map_err(|err| LedgerError::Internal(format!("stored account id: {err}")))?;
+    ) -> Result<Outcome<A>, LedgerError<A::Error>> {
+        let aggregate_id = Uuid::parse_str(&appended.aggregate_id)
+            .map_err(|err| LedgerError::Internal(format!("stored aggregate id: {err}")))?;
         let events = self
             .store
             .load_events(&appended.aggregate_id)
             .await
             .map_err(classify)?;
-        let mut account = Account::default();
+        let mut state = A::default();
+        let mut count = 0;
         for envelope in events
             .iter()
             .filter(|e| i64::try_from(e.sequence).is_ok_and(|s| s <= appended.last_sequence))
         {
-            account.fold(&envelope.payload);
+            state.fold(&envelope.payload);
+            count += 1;
         }
         Ok(Outcome {
-            account_id,
-            account,
+            aggregate_id,
+            state,
             version: appended.last_sequence,
             position: appended.last_position,
+            appended: count,
         })
     }
 
@@ -216,9 +251,34 @@ impl Ledger {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// The outcome at `version`, with the global position of the event at that version.
+    async fn outcome(
+        &self,
+        aggregate_id: Uuid,
+        state: A,
+        version: i64,
+        appended: usize,
+    ) -> Result<Outcome<A>, LedgerError<A::Error>> {
+        let position = if version == 0 {
+            0
+        } else {
+            positions::global_position(&self.pool, A::TYPE, &aggregate_id.to_string(), version)
+                .await
+                .map_err(sql_error)?
+                .ok_or_else(|| LedgerError::Internal("committed event not found".into()))?
+        };
+        Ok(Outcome {
+            aggregate_id,
+            state,
+            version,
+            position,
+            appended,
+        })
+    }
 }
 
-fn classify(err: AggregateError<AccountError>) -> LedgerError {
+fn classify<E: std::error::Error>(err: AggregateError<E>) -> LedgerError<E> {
     match err {
         AggregateError::UserError(rule) => LedgerError::Rejected(rule),
         AggregateError::AggregateConflict => LedgerError::Conflict { attempts: 1 },
@@ -231,11 +291,11 @@ fn classify(err: AggregateError<AccountError>) -> LedgerError {
     }
 }
 
-fn sql_error(err: sqlx::Error) -> LedgerError {
+fn sql_error<E: std::error::Error>(err: sqlx::Error) -> LedgerError<E> {
     sql_error_ref(&err)
 }
 
-fn sql_error_ref(err: &sqlx::Error) -> LedgerError {
+fn sql_error_ref<E: std::error::Error>(err: &sqlx::Error) -> LedgerError<E> {
     if ledger_platform::db::is_unavailable(err) {
         LedgerError::Unavailable(err.to_string())
     } else {

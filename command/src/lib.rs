@@ -28,3 +28,4 @@ pub mod idempotency;
 pub mod ledger;
 pub mod startup;
 pub mod store;
+pub mod transfer_steps;

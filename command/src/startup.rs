@@ -38,17 +38,15 @@ impl Application {
 
     /// Binds the listener over an existing pool.
     pub async fn with_pool(settings: &Settings, pool: PgPool) -> Result<Self, StartupError> {
-        let ledger = Ledger::new(
-            pool.clone(),
-            usize::try_from(settings.snapshot_every).unwrap_or(usize::MAX),
-            RetryPolicy {
-                max_retries: settings.command_max_retries,
-                ..RetryPolicy::default()
-            },
-        );
+        let snapshot_every = usize::try_from(settings.snapshot_every).unwrap_or(usize::MAX);
+        let retry = RetryPolicy {
+            max_retries: settings.command_max_retries,
+            ..RetryPolicy::default()
+        };
         let router = http::router(
             AppState {
-                ledger: Arc::new(ledger),
+                ledger: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
+                transfers: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
             },
             Limits {
                 max_body_bytes: usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX),

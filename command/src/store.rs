@@ -18,14 +18,12 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::domain::Account;
-
-/// The cqrs-es event store the command side uses.
-pub type AccountStore = PersistedEventStore<LedgerRepository, Account>;
-
-/// Builds the store: snapshots every `snapshot_every` events, payloads read through the
-/// contract's upcasters.
-pub fn account_store(pool: PgPool, snapshot_every: usize) -> AccountStore {
+/// Builds the store of aggregate `A`: snapshots every `snapshot_every` events, payloads
+/// read through the contract's upcasters.
+pub fn event_store<A: Aggregate>(
+    pool: PgPool,
+    snapshot_every: usize,
+) -> PersistedEventStore<LedgerRepository, A> {
     PersistedEventStore::new_snapshot_store(LedgerRepository::new(pool), snapshot_every)
         .with_upcasters(ledger_events::upcast::upcasters())
 }

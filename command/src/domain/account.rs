@@ -1,9 +1,10 @@
 //! The account aggregate: opened in one currency, credited, debited, closed at zero.
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use ledger_events::{AccountEvent, Amount, Currency, ACCOUNT_AGGREGATE_TYPE};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Decider;
 
 /// What a client asks of an account (imperative).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +23,33 @@ pub enum AccountCommand {
         currency: Currency,
         reference: Option<String>,
     },
-    /// Close the account; only at a zero balance.
+    /// Close the account; only at a zero balance with no transfer of its in flight.
     Close,
+    /// The source leg of a transfer: debit `amount` (never below zero).
+    SendTransfer {
+        transfer_id: Uuid,
+        to: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// The destination leg of a transfer: credit `amount`.
+    ReceiveTransfer {
+        transfer_id: Uuid,
+        from: Uuid,
+        amount: Amount,
+        currency: Currency,
+    },
+    /// Give back a transfer this account sent, which its destination refused. Accepted in
+    /// any state: the money was this account's (and it cannot be closed meanwhile).
+    RefundTransfer {
+        transfer_id: Uuid,
+        amount: Amount,
+        currency: Currency,
+        code: String,
+        reason: String,
+    },
+    /// A transfer this account sent reached its destination.
+    SettleTransfer { transfer_id: Uuid },
 }
 
 /// Where an account is in its life.
@@ -63,6 +89,11 @@ pub enum AccountError {
     /// Closing an account that still holds money.
     #[error("the account can only be closed at a zero balance; it holds {balance}")]
     BalanceNotZero { balance: i64 },
+    /// Closing an account with transfers sent but not yet credited or refunded.
+    #[error(
+        "the account has {count} outgoing transfer(s) in flight; close it once they are settled"
+    )]
+    TransfersInFlight { count: u32 },
 }
 
 impl AccountError {
@@ -76,6 +107,7 @@ impl AccountError {
             Self::InsufficientFunds { .. } => "insufficient_funds",
             Self::BalanceOverflow { .. } => "balance_overflow",
             Self::BalanceNotZero { .. } => "balance_not_zero",
+            Self::TransfersInFlight { .. } => "transfers_in_flight",
         }
     }
 }
@@ -91,11 +123,14 @@ pub struct Account {
     pub currency: Option<Currency>,
     /// Minor units; never negative.
     pub balance: i64,
+    /// Transfers sent and neither settled nor refunded yet (absent in older snapshots).
+    #[serde(default)]
+    pub transfers_in_flight: u32,
 }
 
-impl Account {
+impl Decider for Account {
     /// The events `command` produces from this state, or the rule it breaks.
-    pub fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+    fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         match command {
             AccountCommand::Open { owner, currency } => match self.status {
                 AccountStatus::Unopened => {
@@ -108,13 +143,7 @@ impl Account {
                 currency,
                 reference,
             } => {
-                self.check_accepts(currency)?;
-                if self.balance.checked_add(amount.minor_units()).is_none() {
-                    return Err(AccountError::BalanceOverflow {
-                        balance: self.balance,
-                        requested: amount.minor_units(),
-                    });
-                }
+                self.check_credit(amount, currency)?;
                 Ok(vec![AccountEvent::MoneyDeposited {
                     amount,
                     currency,
@@ -126,13 +155,7 @@ impl Account {
                 currency,
                 reference,
             } => {
-                self.check_accepts(currency)?;
-                if amount.minor_units() > self.balance {
-                    return Err(AccountError::InsufficientFunds {
-                        balance: self.balance,
-                        requested: amount.minor_units(),
-                    });
-                }
+                self.check_debit(amount, currency)?;
                 Ok(vec![AccountEvent::MoneyWithdrawn {
                     amount,
                     currency,
@@ -146,14 +169,71 @@ impl Account {
                         balance: self.balance,
                     });
                 }
+                if self.transfers_in_flight > 0 {
+                    return Err(AccountError::TransfersInFlight {
+                        count: self.transfers_in_flight,
+                    });
+                }
                 Ok(vec![AccountEvent::AccountClosed {}])
+            }
+            AccountCommand::SendTransfer {
+                transfer_id,
+                to,
+                amount,
+                currency,
+            } => {
+                self.check_debit(amount, currency)?;
+                Ok(vec![AccountEvent::TransferSent {
+                    transfer_id,
+                    to,
+                    amount,
+                    currency,
+                }])
+            }
+            AccountCommand::ReceiveTransfer {
+                transfer_id,
+                from,
+                amount,
+                currency,
+            } => {
+                self.check_credit(amount, currency)?;
+                Ok(vec![AccountEvent::TransferReceived {
+                    transfer_id,
+                    from,
+                    amount,
+                    currency,
+                }])
+            }
+            AccountCommand::RefundTransfer {
+                transfer_id,
+                amount,
+                currency,
+                code,
+                reason,
+            } => {
+                if self.status == AccountStatus::Unopened {
+                    return Err(AccountError::NotFound);
+                }
+                Ok(vec![AccountEvent::TransferRefunded {
+                    transfer_id,
+                    amount,
+                    currency,
+                    code,
+                    reason,
+                }])
+            }
+            AccountCommand::SettleTransfer { transfer_id } => {
+                if self.status == AccountStatus::Unopened {
+                    return Err(AccountError::NotFound);
+                }
+                Ok(vec![AccountEvent::TransferSettled { transfer_id }])
             }
         }
     }
 
     /// Folds one event into the state. Events are facts: this never fails. Arithmetic
     /// saturates rather than wrapping, though `decide` never lets it get there.
-    pub fn fold(&mut self, event: &AccountEvent) {
+    fn fold(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::AccountOpened { owner, currency } => {
                 self.status = AccountStatus::Open;
@@ -167,7 +247,45 @@ impl Account {
                 self.balance = self.balance.saturating_sub(amount.minor_units());
             }
             AccountEvent::AccountClosed {} => self.status = AccountStatus::Closed,
+            AccountEvent::TransferSent { amount, .. } => {
+                self.balance = self.balance.saturating_sub(amount.minor_units());
+                self.transfers_in_flight = self.transfers_in_flight.saturating_add(1);
+            }
+            AccountEvent::TransferReceived { amount, .. } => {
+                self.balance = self.balance.saturating_add(amount.minor_units());
+            }
+            AccountEvent::TransferRefunded { amount, .. } => {
+                self.balance = self.balance.saturating_add(amount.minor_units());
+                self.transfers_in_flight = self.transfers_in_flight.saturating_sub(1);
+            }
+            AccountEvent::TransferSettled { .. } => {
+                self.transfers_in_flight = self.transfers_in_flight.saturating_sub(1);
+            }
         }
+    }
+}
+
+impl Account {
+    fn check_credit(&self, amount: Amount, currency: Currency) -> Result<(), AccountError> {
+        self.check_accepts(currency)?;
+        if self.balance.checked_add(amount.minor_units()).is_none() {
+            return Err(AccountError::BalanceOverflow {
+                balance: self.balance,
+                requested: amount.minor_units(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_debit(&self, amount: Amount, currency: Currency) -> Result<(), AccountError> {
+        self.check_accepts(currency)?;
+        if amount.minor_units() > self.balance {
+            return Err(AccountError::InsufficientFunds {
+                balance: self.balance,
+                requested: amount.minor_units(),
+            });
+        }
+        Ok(())
     }
 
     fn check_open(&self) -> Result<(), AccountError> {
@@ -190,29 +308,13 @@ impl Account {
     }
 }
 
-impl Aggregate for Account {
-    const TYPE: &'static str = ACCOUNT_AGGREGATE_TYPE;
-    type Command = AccountCommand;
-    type Event = AccountEvent;
-    type Error = AccountError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, event: Self::Event) {
-        self.fold(&event);
-    }
-}
+super::aggregate_via_decider!(
+    Account,
+    ACCOUNT_AGGREGATE_TYPE,
+    AccountCommand,
+    AccountEvent,
+    AccountError
+);
 
 #[cfg(test)]
 mod tests {
@@ -375,6 +477,101 @@ mod tests {
                 .when(command)
                 .then_expect_error(AccountError::Closed);
         }
+    }
+
+    fn sent(units: i64) -> AccountEvent {
+        AccountEvent::TransferSent {
+            transfer_id: Uuid::from_u128(7),
+            to: Uuid::from_u128(9),
+            amount: amount(units),
+            currency: eur(),
+        }
+    }
+
+    #[test]
+    fn a_transfer_is_sent_only_from_what_the_account_holds() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100)])
+            .when(AccountCommand::SendTransfer {
+                transfer_id: Uuid::from_u128(7),
+                to: Uuid::from_u128(9),
+                amount: amount(100),
+                currency: eur(),
+            })
+            .then_expect_events(vec![sent(100)]);
+        AccountTest::with(())
+            .given(vec![opened(), deposited(100), sent(60)])
+            .when(AccountCommand::SendTransfer {
+                transfer_id: Uuid::from_u128(8),
+                to: Uuid::from_u128(9),
+                amount: amount(41),
+                currency: eur(),
+            })
+            .then_expect_error(AccountError::InsufficientFunds {
+                balance: 40,
+                requested: 41,
+            });
+    }
+
+    #[test]
+    fn a_closed_or_foreign_currency_account_refuses_to_receive() {
+        let receive = |currency| AccountCommand::ReceiveTransfer {
+            transfer_id: Uuid::from_u128(7),
+            from: Uuid::from_u128(9),
+            amount: amount(5),
+            currency,
+        };
+        AccountTest::with(())
+            .given(vec![opened(), AccountEvent::AccountClosed {}])
+            .when(receive(eur()))
+            .then_expect_error(AccountError::Closed);
+        AccountTest::with(())
+            .given(vec![opened()])
+            .when(receive(usd()))
+            .then_expect_error(AccountError::CurrencyMismatch {
+                expected: eur(),
+                given: usd(),
+            });
+    }
+
+    #[test]
+    fn an_account_with_a_transfer_in_flight_cannot_be_closed_until_it_settles() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(10), sent(10)])
+            .when(AccountCommand::Close)
+            .then_expect_error(AccountError::TransfersInFlight { count: 1 });
+        AccountTest::with(())
+            .given(vec![
+                opened(),
+                deposited(10),
+                sent(10),
+                AccountEvent::TransferSettled {
+                    transfer_id: Uuid::from_u128(7),
+                },
+            ])
+            .when(AccountCommand::Close)
+            .then_expect_events(vec![AccountEvent::AccountClosed {}]);
+    }
+
+    #[test]
+    fn a_refund_restores_the_balance_and_ends_the_flight() {
+        let mut account = Account::default();
+        for event in [
+            opened(),
+            deposited(10),
+            sent(10),
+            AccountEvent::TransferRefunded {
+                transfer_id: Uuid::from_u128(7),
+                amount: amount(10),
+                currency: eur(),
+                code: "account_closed".into(),
+                reason: "closed".into(),
+            },
+        ] {
+            account.fold(&event);
+        }
+        assert_eq!(account.balance, 10);
+        assert_eq!(account.transfers_in_flight, 0);
     }
 
     #[test]

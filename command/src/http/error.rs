@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use ledger_events::AmountError;
 use ledger_platform::http::Problem;
 
-use crate::domain::AccountError;
+use crate::domain::{AccountError, TransferError};
 use crate::ledger::LedgerError;
 
 /// Everything a command request can fail with.
@@ -15,6 +15,12 @@ pub enum ApiError {
     /// A domain rule: 404 for an unknown account, 422 for the rest.
     #[error(transparent)]
     Domain(#[from] AccountError),
+    /// A transfer rule: 422.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// A transfer sent without an `Idempotency-Key`: 400.
+    #[error("an Idempotency-Key header is required")]
+    IdempotencyKeyRequired,
     /// A zero, negative or too large amount (422), or one that is not an integer (400).
     #[error(transparent)]
     Amount(#[from] AmountError),
@@ -49,6 +55,18 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         match self {
             Self::Domain(rule) => domain_problem(rule),
+            Self::Transfer(rule) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                rule.code(),
+                "Transfer refused",
+                rule.to_string(),
+            ),
+            Self::IdempotencyKeyRequired => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "Idempotency-Key required",
+                "a transfer must carry an Idempotency-Key header (1 to 255 visible ASCII characters), so that retrying it can never move the money twice",
+            ),
             Self::Amount(err) => {
                 let status = match err {
                     AmountError::NotInteger(_) => StatusCode::BAD_REQUEST,
@@ -114,6 +132,7 @@ fn domain_problem(rule: &AccountError) -> Problem {
         AccountError::BalanceNotZero { .. } => {
             (StatusCode::UNPROCESSABLE_ENTITY, "Balance not zero")
         }
+        AccountError::TransfersInFlight { .. } => (StatusCode::CONFLICT, "Transfers in flight"),
     };
     let problem = Problem::new(status, rule.code(), title, rule.to_string());
     match rule {
@@ -125,6 +144,7 @@ fn domain_problem(rule: &AccountError) -> Problem {
             .with("balance", *balance)
             .with("requested", *requested),
         AccountError::BalanceNotZero { balance } => problem.with("balance", *balance),
+        AccountError::TransfersInFlight { count } => problem.with("transfers_in_flight", *count),
         _ => problem,
     }
 }
@@ -135,12 +155,19 @@ impl From<Problem> for ApiError {
     }
 }
 
-impl From<LedgerError> for ApiError {
-    fn from(err: LedgerError) -> Self {
+impl<E> From<LedgerError<E>> for ApiError
+where
+    E: std::error::Error,
+    ApiError: From<E>,
+{
+    fn from(err: LedgerError<E>) -> Self {
         match err {
-            LedgerError::Rejected(rule) => Self::Domain(rule),
+            LedgerError::Rejected(rule) => Self::from(rule),
             LedgerError::Conflict { attempts } => Self::Conflict { attempts },
             LedgerError::KeyTaken => Self::Conflict { attempts: 1 },
+            LedgerError::StepTaken(claim) => {
+                Self::Internal(format!("an HTTP command met transfer step {}", claim.step))
+            }
             LedgerError::Unavailable(cause) => Self::Unavailable(cause),
             LedgerError::Internal(cause) => Self::Internal(cause),
         }

@@ -3,6 +3,8 @@
 pub mod accounts;
 pub mod error;
 pub mod headers;
+pub mod intents;
+pub mod transfers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use axum::{middleware, Router};
 use ledger_platform::http::{fallback, health, request_id, timeout};
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::domain::Transfer;
 use crate::ledger::Ledger;
 
 pub use error::ApiError;
@@ -19,8 +22,10 @@ pub use error::ApiError;
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// Executes commands.
+    /// Executes account commands.
     pub ledger: Arc<Ledger>,
+    /// Executes transfer commands.
+    pub transfers: Arc<Ledger<Transfer>>,
 }
 
 /// Limits the router applies to every request.
@@ -36,7 +41,7 @@ pub struct Limits {
 pub fn router(state: AppState, limits: Limits) -> Router {
     let pool = state.ledger.pool().clone();
     Router::new()
-        .nest("/v1", accounts::router())
+        .nest("/v1", accounts::router().merge(transfers::router()))
         .with_state(state)
         .merge(health::router(pool))
         .fallback(fallback::not_found)

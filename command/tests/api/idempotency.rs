@@ -99,10 +99,10 @@ async fn a_request_committed_before_the_process_died_is_answered_from_its_events
     // under the key, and no stored answer.
     let path = format!("/v1/accounts/{id}/deposits");
     let body = json!({"amount": 60, "currency": "EUR"});
-    let ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
     let committed = ledger
         .execute(Intent {
-            account_id: id,
+            aggregate_id: id,
             command: ledger_command::domain::AccountCommand::Deposit {
                 amount: ledger_events::Amount::new(60).unwrap(),
                 currency: "EUR".parse().unwrap(),

@@ -13,3 +13,4 @@ mod health;
 mod helpers;
 mod idempotency;
 mod store;
+mod transfers;

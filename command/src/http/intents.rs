@@ -1,0 +1,184 @@
+//! Running one intent under its `Idempotency-Key`, for every command route.
+//!
+//! The first request's answer (success or domain refusal) is the answer to every later
+//! request with the same key and the same method, path and body; a different request under
+//! the key is a 422. Answers are rendered from the stored form, so a replay is byte-for-byte
+//! the first answer (plus an `Idempotent-Replayed: true` header).
+
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ledger_events::metadata::TRACEPARENT;
+use ledger_events::Metadata;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::headers::CommandHeaders;
+use crate::domain::Decider;
+use crate::idempotency::{self, StoredResponse};
+use crate::ledger::{Intent, Ledger, LedgerError, Outcome};
+
+/// How many times a request re-reads its key after losing a race for it.
+const KEY_RACE_ROUNDS: usize = 3;
+
+/// What every command handler knows about its request.
+#[derive(Debug)]
+pub struct CommandRequest {
+    /// The headers it came with.
+    pub headers: CommandHeaders,
+    fingerprint: String,
+    success: StatusCode,
+}
+
+impl CommandRequest {
+    /// The request's fingerprint and the status of its success.
+    pub fn new(
+        method: &Method,
+        uri: &Uri,
+        body: &Value,
+        headers: CommandHeaders,
+        success: StatusCode,
+    ) -> Self {
+        Self {
+            fingerprint: idempotency::fingerprint(method.as_str(), uri.path(), body),
+            headers,
+            success,
+        }
+    }
+
+    /// Its idempotency key.
+    pub fn key(&self) -> Option<&str> {
+        self.headers.idempotency_key.as_deref()
+    }
+
+    /// The metadata its events carry.
+    pub fn metadata(&self) -> Metadata {
+        let headers = &self.headers;
+        let mut metadata = Metadata {
+            request_id: Some(headers.request_id.clone()),
+            correlation_id: Some(
+                headers
+                    .correlation_id
+                    .clone()
+                    .unwrap_or_else(|| headers.request_id.clone()),
+            ),
+            idempotency_key: headers.idempotency_key.clone(),
+            request_hash: headers
+                .idempotency_key
+                .as_ref()
+                .map(|_| self.fingerprint.clone()),
+            ..Metadata::default()
+        };
+        metadata
+            .extra
+            .insert(TRACEPARENT.to_owned(), headers.traceparent.clone());
+        metadata
+    }
+}
+
+/// Executes `command` on `aggregate_id` under the request's idempotency key (if any) and
+/// renders the answer; `body` renders a success.
+pub async fn run<A>(
+    ledger: &Ledger<A>,
+    request: CommandRequest,
+    aggregate_id: Uuid,
+    command: A::Command,
+    body: impl Fn(&Outcome<A>) -> Value,
+) -> Result<Response, ApiError>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+    ApiError: From<LedgerError<A::Error>> + From<A::Error>,
+{
+    let intent = Intent {
+        aggregate_id,
+        command,
+        metadata: request.metadata(),
+    };
+    let success = |outcome: &Outcome<A>| StoredResponse {
+        status: request.success.as_u16(),
+        body: body(outcome),
+    };
+    let Some(key) = request.key() else {
+        let outcome = ledger.execute(intent).await?;
+        return Ok(render(&success(&outcome), false));
+    };
+    let pool = ledger.pool();
+    for _ in 0..KEY_RACE_ROUNDS {
+        if let Some(record) = idempotency::find(pool, key).await? {
+            if record.request_hash != request.fingerprint {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            if let Some(stored) = record.response {
+                return Ok(render(&stored, true));
+            }
+            if let Some(appended) = record.appended {
+                // Committed by an earlier request that never stored its answer (it died, or
+                // is about to store it): the answer is derived from the events.
+                let outcome = ledger.outcome_at(&appended).await?;
+                let stored = success(&outcome);
+                idempotency::save_response(pool, key, &stored).await?;
+                return Ok(render(&stored, true));
+            }
+        }
+        match ledger.execute(intent.clone()).await {
+            Ok(outcome) => {
+                let stored = success(&outcome);
+                if let Err(err) = idempotency::save_response(pool, key, &stored).await {
+                    // The events are committed; a later duplicate derives the same answer.
+                    tracing::warn!(error = %err, "could not store the idempotent response");
+                }
+                return Ok(render(&stored, false));
+            }
+            Err(LedgerError::Rejected(rule)) => {
+                let problem = ApiError::from(rule).problem();
+                let stored = StoredResponse {
+                    status: problem.status.as_u16(),
+                    body: problem.body(),
+                };
+                if idempotency::record_refusal(pool, key, &request.fingerprint, &stored).await? {
+                    return Ok(render(&stored, false));
+                }
+                // Another request claimed the key meanwhile: its answer stands.
+            }
+            Err(LedgerError::KeyTaken) => {}
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(ApiError::Internal(format!(
+        "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
+    )))
+}
+
+/// Renders a stored answer. The same function serves first answers and replays.
+fn render(stored: &StoredResponse, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(stored.body.clone())).into_response();
+    let headers = response.headers_mut();
+    if status.is_client_error() || status.is_server_error() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(ledger_platform::http::problem::PROBLEM_JSON),
+        );
+    }
+    if let Some(location) = location(status, &stored.body) {
+        headers.insert(header::LOCATION, location);
+    }
+    if let Some(position) = stored.body.get("position").and_then(Value::as_i64) {
+        headers.insert("ledger-position", HeaderValue::from(position));
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Where a created account (201) or an accepted transfer (202) can be read.
+fn location(status: StatusCode, body: &Value) -> Option<HeaderValue> {
+    let path = match status {
+        StatusCode::CREATED => format!("/v1/accounts/{}", body.get("account_id")?.as_str()?),
+        StatusCode::ACCEPTED => format!("/v1/transfers/{}", body.get("transfer_id")?.as_str()?),
+        _ => return None,
+    };
+    HeaderValue::from_str(&path).ok()
+}
