@@ -8,6 +8,7 @@
 //!   in cursor-paginated pages.
 //! - [`owner_totals`]: `owner_totals` (and its helper `owner_total_accounts`): money and
 //!   accounts per owner and currency, across aggregates.
+//! - [`transfers`]: `transfers`, one row per transfer with its state.
 //! - [`guards`]: `projection_guards`, the per-projection, per-aggregate last sequence that
 //!   makes duplicates and re-deliveries harmless.
 //! - [`progress`]: `projection_checkpoints` and `projection_partitions`: positions, cursor,
@@ -23,6 +24,7 @@ pub mod owner_totals;
 pub mod progress;
 pub mod statements;
 pub mod summaries;
+pub mod transfers;
 
 /// The channel the projector notifies (payload: account id) when it commits read-model
 /// changes; the query API listens to invalidate its cache and wake waiting reads.
@@ -36,8 +38,21 @@ pub mod names {
     pub const ACCOUNT_STATEMENT: &str = "account_statement";
     /// `owner_totals`.
     pub const OWNER_TOTALS: &str = "owner_totals";
+    /// `transfers`.
+    pub const TRANSFERS: &str = "transfers";
     /// All of them, in the order the projector applies them.
-    pub const ALL: [&str; 3] = [ACCOUNT_SUMMARY, ACCOUNT_STATEMENT, OWNER_TOTALS];
+    pub const ALL: [&str; 4] = [ACCOUNT_SUMMARY, ACCOUNT_STATEMENT, OWNER_TOTALS, TRANSFERS];
+
+    /// Whether `projection` is fed events of `aggregate_type`. Events of an aggregate type
+    /// no projection knows go to every projection, which refuses them (dead letters).
+    pub fn handles(projection: &str, aggregate_type: &str) -> bool {
+        use ledger_events::{ACCOUNT_AGGREGATE_TYPE, TRANSFER_AGGREGATE_TYPE};
+        match aggregate_type {
+            ACCOUNT_AGGREGATE_TYPE => projection != TRANSFERS,
+            TRANSFER_AGGREGATE_TYPE => projection == TRANSFERS,
+            _ => true,
+        }
+    }
 
     /// The tables a projection owns (what a rebuild builds anew and swaps in).
     pub fn tables(projection: &str) -> Option<&'static [&'static str]> {
@@ -45,6 +60,7 @@ pub mod names {
             ACCOUNT_SUMMARY => Some(&["account_summaries"]),
             ACCOUNT_STATEMENT => Some(&["account_statements"]),
             OWNER_TOTALS => Some(&["owner_totals", "owner_total_accounts"]),
+            TRANSFERS => Some(&["transfers"]),
             _ => None,
         }
     }
@@ -54,6 +70,7 @@ pub mod names {
         match table {
             "account_statements" => &["account_id", "sequence"],
             "owner_totals" => &["owner", "currency"],
+            "transfers" => &["transfer_id"],
             _ => &["account_id"],
         }
     }
@@ -62,7 +79,9 @@ pub mod names {
     /// rebuilt; the projector then says so at start.
     pub fn version(projection: &str) -> i32 {
         match projection {
-            ACCOUNT_SUMMARY | ACCOUNT_STATEMENT | OWNER_TOTALS => 1,
+            ACCOUNT_SUMMARY | OWNER_TOTALS | TRANSFERS => 1,
+            // 2: transfer legs, with their transfer id.
+            ACCOUNT_STATEMENT => 2,
             _ => 0,
         }
     }

@@ -75,12 +75,8 @@ pub async fn apply(
         .await?;
         return Ok(());
     }
-    let (delta, closes) = match decoded {
-        AccountEvent::MoneyDeposited { amount, .. } => (amount.minor_units(), false),
-        AccountEvent::MoneyWithdrawn { amount, .. } => (-amount.minor_units(), false),
-        AccountEvent::AccountClosed {} => (0, true),
-        AccountEvent::AccountOpened { .. } => (0, false),
-    };
+    let delta = decoded.balance_delta();
+    let closes = matches!(decoded, AccountEvent::AccountClosed {});
     let owner: Option<(String, String)> = sqlx::query_as(
         "UPDATE owner_total_accounts SET balance = balance + $2, open = open AND NOT $3
           WHERE account_id = $1 RETURNING owner, currency",

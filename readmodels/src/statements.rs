@@ -20,14 +20,17 @@ pub struct StatementEntry {
     pub global_position: i64,
     /// The event id.
     pub event_id: Uuid,
-    /// `opened`, `deposit`, `withdrawal` or `closed`.
+    /// `opened`, `deposit`, `withdrawal`, `transfer_sent`, `transfer_received`,
+    /// `transfer_refunded` or `closed`.
     pub entry_type: String,
     /// Signed minor units: positive in, negative out, 0 for opening/closing.
     pub amount: i64,
     /// Balance after this entry.
     pub balance_after: i64,
-    /// The payment reference, if any.
+    /// The payment reference, if any (for a refund: why the destination refused).
     pub reference: Option<String>,
+    /// The transfer this entry is a leg of, if any.
+    pub transfer_id: Option<Uuid>,
     /// When the event was recorded.
     pub recorded_at: DateTime<Utc>,
 }
@@ -41,7 +44,7 @@ pub async fn page(
 ) -> Result<Vec<StatementEntry>, sqlx::Error> {
     sqlx::query_as(
         "SELECT sequence, global_position, event_id, entry_type, amount, balance_after,
-                reference, recorded_at
+                reference, transfer_id, recorded_at
            FROM account_statements
           WHERE account_id = $1 AND sequence > $2
           ORDER BY sequence
@@ -60,16 +63,20 @@ pub async fn apply(
     event: &RecordedEvent,
     decoded: &AccountEvent,
 ) -> Result<(), ApplyError> {
-    let (entry_type, amount, reference) = match decoded {
-        AccountEvent::AccountOpened { .. } => ("opened", 0, None),
-        AccountEvent::MoneyDeposited {
-            amount, reference, ..
-        } => ("deposit", amount.minor_units(), reference.clone()),
-        AccountEvent::MoneyWithdrawn {
-            amount, reference, ..
-        } => ("withdrawal", -amount.minor_units(), reference.clone()),
-        AccountEvent::AccountClosed {} => ("closed", 0, None),
+    let (entry_type, reference) = match decoded {
+        AccountEvent::AccountOpened { .. } => ("opened", None),
+        AccountEvent::MoneyDeposited { reference, .. } => ("deposit", reference.clone()),
+        AccountEvent::MoneyWithdrawn { reference, .. } => ("withdrawal", reference.clone()),
+        AccountEvent::AccountClosed {} => ("closed", None),
+        AccountEvent::TransferSent { .. } => ("transfer_sent", None),
+        AccountEvent::TransferReceived { .. } => ("transfer_received", None),
+        AccountEvent::TransferRefunded { reason, .. } => {
+            ("transfer_refunded", Some(reason.clone()))
+        }
+        // Moves no money: not a statement entry.
+        AccountEvent::TransferSettled { .. } => return Ok(()),
     };
+    let amount = decoded.balance_delta();
     let previous: Option<i64> = sqlx::query_scalar(
         "SELECT balance_after FROM account_statements
           WHERE account_id = $1 ORDER BY sequence DESC LIMIT 1",
@@ -90,8 +97,8 @@ pub async fn apply(
     sqlx::query(
         "INSERT INTO account_statements
              (account_id, sequence, global_position, event_id, entry_type, amount,
-              balance_after, reference, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+              balance_after, reference, transfer_id, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&event.aggregate_id)
     .bind(event.sequence)
@@ -101,6 +108,7 @@ pub async fn apply(
     .bind(amount)
     .bind(balance_after)
     .bind(reference)
+    .bind(decoded.transfer_id())
     .bind(event.recorded_at)
     .execute(&mut *tx)
     .await?;

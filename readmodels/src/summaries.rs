@@ -72,27 +72,24 @@ pub async fn apply(
         .execute(&mut *tx)
         .await?
         .rows_affected(),
-        AccountEvent::MoneyDeposited { amount, .. }
-        | AccountEvent::MoneyWithdrawn { amount, .. } => {
-            let delta = if matches!(decoded, AccountEvent::MoneyDeposited { .. }) {
-                amount.minor_units()
-            } else {
-                -amount.minor_units()
-            };
-            sqlx::query(
-                "UPDATE account_summaries
-                    SET balance = balance + $2, version = $3, last_position = $4, updated_at = $5
-                  WHERE account_id = $1",
-            )
-            .bind(id)
-            .bind(delta)
-            .bind(event.sequence)
-            .bind(event.global_position)
-            .bind(event.recorded_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-        }
+        AccountEvent::MoneyDeposited { .. }
+        | AccountEvent::MoneyWithdrawn { .. }
+        | AccountEvent::TransferSent { .. }
+        | AccountEvent::TransferReceived { .. }
+        | AccountEvent::TransferRefunded { .. }
+        | AccountEvent::TransferSettled { .. } => sqlx::query(
+            "UPDATE account_summaries
+                SET balance = balance + $2, version = $3, last_position = $4, updated_at = $5
+              WHERE account_id = $1",
+        )
+        .bind(id)
+        .bind(decoded.balance_delta())
+        .bind(event.sequence)
+        .bind(event.global_position)
+        .bind(event.recorded_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
         AccountEvent::AccountClosed {} => sqlx::query(
             "UPDATE account_summaries
                 SET status = 'closed', version = $2, last_position = $3, updated_at = $4

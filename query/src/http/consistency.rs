@@ -1,12 +1,12 @@
 //! Read your writes: a read may carry the `position` a command answered with (query
 //! parameter `position`, or header `Ledger-Position`), and is answered only once the read
-//! model of the account has reached it: event-driven (change notifications) with a slow
+//! model of the account (or transfer) has reached it: event-driven (change notifications) with a slow
 //! poll as a fallback, bounded by `READ_WAIT_TIMEOUT`; then 412 with the current position.
 
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use ledger_readmodels::summaries;
+use ledger_readmodels::{summaries, transfers};
 use tokio::time::Instant;
 
 use super::error::ApiError;
@@ -40,9 +40,28 @@ pub fn requested(param: Option<&str>, headers: &HeaderMap) -> Result<Option<i64>
     .transpose()
 }
 
+/// Which read model a wait is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// An account's summary (statements and totals are written in the same transaction).
+    Account,
+    /// A transfer's row.
+    Transfer,
+}
+
 /// Waits until `account_id`'s read model has reached `position` (if any).
 pub async fn wait_for(
     state: &AppState,
+    account_id: &str,
+    position: Option<i64>,
+) -> Result<(), ApiError> {
+    wait_for_model(state, Model::Account, account_id, position).await
+}
+
+/// Waits until the read model of aggregate `id` has reached `position` (if any).
+pub async fn wait_for_model(
+    state: &AppState,
+    model: Model,
     account_id: &str,
     position: Option<i64>,
 ) -> Result<(), ApiError> {
@@ -53,7 +72,10 @@ pub async fn wait_for(
     let mut changes = state.changes.subscribe();
     let deadline = Instant::now() + state.read_wait_timeout;
     loop {
-        let current = summaries::position_of(&state.pool, account_id).await?;
+        let current = match model {
+            Model::Account => summaries::position_of(&state.pool, account_id).await?,
+            Model::Transfer => transfers::position_of(&state.pool, account_id).await?,
+        };
         if current >= position {
             return Ok(());
         }

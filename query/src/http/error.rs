@@ -10,6 +10,9 @@ pub enum ApiError {
     /// No such account (in the read model).
     #[error("no account {0}")]
     AccountNotFound(String),
+    /// No such transfer (in the read model).
+    #[error("no transfer {0}")]
+    TransferNotFound(String),
     /// No accounts for this owner.
     #[error("no accounts for owner {0}")]
     OwnerNotFound(String),
@@ -43,6 +46,12 @@ impl ApiError {
                 "account_not_found",
                 "Account not found",
                 format!("no account {id} in the read model (pass the position of your last command to wait for it)"),
+            ),
+            Self::TransferNotFound(id) => Problem::new(
+                StatusCode::NOT_FOUND,
+                "transfer_not_found",
+                "Transfer not found",
+                format!("no transfer {id} in the read model (pass the position the transfer request answered with to wait for it)"),
             ),
             Self::OwnerNotFound(owner) => Problem::new(
                 StatusCode::NOT_FOUND,

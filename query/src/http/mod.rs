@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod consistency;
 pub mod error;
 pub mod owners;
+pub mod transfers;
 
 use std::time::Duration;
 
@@ -31,7 +32,12 @@ pub struct AppState {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let pool = state.pool.clone();
     Router::new()
-        .nest("/v1", accounts::router().merge(owners::router()))
+        .nest(
+            "/v1",
+            accounts::router()
+                .merge(owners::router())
+                .merge(transfers::router()),
+        )
         .with_state(state)
         .merge(health::router(pool))
         .fallback(fallback::not_found)
