@@ -10,10 +10,11 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use ledger_events::{RecordedEvent, ACCOUNT_AGGREGATE_TYPE};
+use ledger_events::{LedgerEvent, RecordedEvent};
 use ledger_readmodels::dead_letters::{self, NewDeadLetter};
 use ledger_readmodels::{
-    guards, names, notify_change, owner_totals, progress, statements, summaries, ApplyError,
+    guards, names, notify_change, owner_totals, progress, statements, summaries, transfers,
+    ApplyError,
 };
 use ledger_store::LogCursor;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -67,6 +68,36 @@ pub struct Applied {
     pub dead_letters: u64,
     /// Events read from the store to repair gaps.
     pub repaired: u64,
+}
+
+/// What a source (Kafka or the store) hands its batches to: the read-model applier or the
+/// transfer process manager. `Err` means nothing of the batch may be considered done: the
+/// source retries it and does not move its position.
+pub trait BatchHandler: Clone + Send + Sync + 'static {
+    /// Why a batch must be retried.
+    type Error: std::fmt::Display + Send;
+
+    /// Handles `batch`, in order per aggregate.
+    fn handle(
+        &self,
+        batch: &[Incoming],
+    ) -> impl std::future::Future<Output = Result<Applied, Self::Error>> + Send;
+}
+
+impl BatchHandler for Applier {
+    type Error = sqlx::Error;
+
+    async fn handle(&self, batch: &[Incoming]) -> Result<Applied, sqlx::Error> {
+        self.apply_batch(batch).await
+    }
+}
+
+impl BatchHandler for crate::transfers::ProcessManager {
+    type Error = crate::transfers::ReactionError;
+
+    async fn handle(&self, batch: &[Incoming]) -> Result<Applied, Self::Error> {
+        self.handle_batch(batch).await
+    }
 }
 
 /// Applies batches for one source.
@@ -191,7 +222,11 @@ pub async fn apply_guarded(
     outcome: &mut Applied,
 ) -> Result<(), sqlx::Error> {
     {
-        for projection in projections.iter().copied() {
+        for projection in projections
+            .iter()
+            .copied()
+            .filter(|p| names::handles(p, &event.aggregate_type))
+        {
             match guards::check(tx, projection, &event.aggregate_id, event.sequence).await? {
                 guards::Verdict::Duplicate => outcome.duplicates += 1,
                 guards::Verdict::Apply => apply_one(tx, projection, event, origin, outcome).await?,
@@ -281,21 +316,27 @@ pub async fn project(
     projection: &str,
     event: &RecordedEvent,
 ) -> Result<(), ApplyError> {
-    if event.aggregate_type != ACCOUNT_AGGREGATE_TYPE {
-        return Err(ApplyError::Refused(format!(
-            "unknown aggregate type `{}`",
-            event.aggregate_type
-        )));
-    }
     let decoded = event
-        .decode_account()
+        .decode()
         .map_err(|err| ApplyError::Refused(err.to_string()))?;
     let mut savepoint = tx.begin().await?;
-    let result = match projection {
-        names::ACCOUNT_SUMMARY => summaries::apply(&mut savepoint, event, &decoded).await,
-        names::ACCOUNT_STATEMENT => statements::apply(&mut savepoint, event, &decoded).await,
-        names::OWNER_TOTALS => owner_totals::apply(&mut savepoint, event, &decoded).await,
-        other => Err(ApplyError::Refused(format!("unknown projection `{other}`"))),
+    let result = match (projection, &decoded) {
+        (names::ACCOUNT_SUMMARY, LedgerEvent::Account(account)) => {
+            summaries::apply(&mut savepoint, event, account).await
+        }
+        (names::ACCOUNT_STATEMENT, LedgerEvent::Account(account)) => {
+            statements::apply(&mut savepoint, event, account).await
+        }
+        (names::OWNER_TOTALS, LedgerEvent::Account(account)) => {
+            owner_totals::apply(&mut savepoint, event, account).await
+        }
+        (names::TRANSFERS, LedgerEvent::Transfer(transfer)) => {
+            transfers::apply(&mut savepoint, event, transfer).await
+        }
+        (other, _) => Err(ApplyError::Refused(format!(
+            "projection `{other}` does not take {} events",
+            event.aggregate_type
+        ))),
     };
     match result {
         Ok(()) => {

@@ -54,6 +54,29 @@ pub struct Settings {
     #[arg(long, env = "PROJECTOR_LISTEN_ADDR", default_value = "127.0.0.1:8082")]
     pub listen_addr: SocketAddr,
 
+    /// Run the transfer process manager in this process (it takes the steps of transfers:
+    /// debit, credit or refund, settle). Safe to run in several processes at once.
+    #[arg(long, env = "PROJECTOR_TRANSFERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub transfers: bool,
+
+    /// Consumer group of the transfer process manager (separate from the read models').
+    #[arg(long, env = "TRANSFERS_GROUP_ID", default_value = "ledger-transfers")]
+    pub transfers_group_id: String,
+
+    /// How many transfers the process manager moves forward at once.
+    #[arg(long, env = "TRANSFERS_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub transfers_concurrency: u32,
+
+    /// Fault injection for tests: abort the process right after the Nth money-moving step
+    /// of a transfer commits and before the transfer is told. 0 disables it.
+    #[arg(
+        long,
+        env = "TRANSFERS_CRASH_AFTER_STEPS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub transfers_crash_after_steps: u64,
+
     /// Rebuild, at start, every projection whose deployed read model was built by another
     /// version of the code (otherwise the projector only says a rebuild is needed).
     #[arg(long, env = "PROJECTOR_AUTO_REBUILD", default_value_t = false)]

@@ -14,6 +14,8 @@
 //! - [`status`]: `/healthz`, `/readyz`, `/status` (positions, lag, dead letters, partitions).
 //! - [`ops`]: operator actions (rebuild, dry run, replay, republish, dead letters, status),
 //!   used by the `ledger-admin` CLI and the admin HTTP API ([`admin`]).
+//! - [`transfers`]: the transfer process manager, fed by its own consumer group (or its own
+//!   store cursor): debits, credits or refunds, settles; each step taken at most once.
 //! - [`startup`]: [`startup::Application`], started by `main` and by tests.
 //!
 //! The projections themselves (their tables and SQL) live in `ledger-readmodels`, which the
@@ -27,3 +29,4 @@ pub mod source_kafka;
 pub mod source_store;
 pub mod startup;
 pub mod status;
+pub mod transfers;

@@ -19,16 +19,20 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::apply::{Applier, Incoming, Origin};
+use crate::apply::{BatchHandler, Incoming, Origin};
 use crate::config::Settings;
 use crate::status::SharedStatus;
 
-/// The consumer for `settings`: offsets stored by the workers after their commits, committed
-/// by the client every second.
-pub fn consumer(settings: &Settings, brokers: &str) -> Result<StreamConsumer, KafkaError> {
+/// The consumer for `settings` in consumer group `group`: offsets stored by the workers
+/// after their commits, committed by the client every second.
+pub fn consumer(
+    settings: &Settings,
+    brokers: &str,
+    group: &str,
+) -> Result<StreamConsumer, KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", &settings.kafka_group_id)
+        .set("group.id", group)
         .set("client.id", "ledger-projector")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -45,10 +49,10 @@ pub fn consumer(settings: &Settings, brokers: &str) -> Result<StreamConsumer, Ka
 
 /// Runs until `stop` turns true; then lets the workers finish, commits offsets and leaves
 /// the group.
-pub async fn run(
+pub async fn run<H: BatchHandler>(
     settings: Settings,
     consumer: Arc<StreamConsumer>,
-    applier: Applier,
+    applier: H,
     status: SharedStatus,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), KafkaError> {
@@ -107,10 +111,10 @@ pub async fn run(
 }
 
 /// A worker: applies its partitions' messages in batches, storing offsets after commits.
-async fn work(
+async fn work<H: BatchHandler>(
     mut rx: mpsc::Receiver<Incoming>,
     batch_size: usize,
-    applier: Applier,
+    applier: H,
     consumer: Arc<StreamConsumer>,
     topic: String,
     status: SharedStatus,
@@ -127,7 +131,7 @@ async fn work(
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            match applier.apply_batch(&batch).await {
+            match applier.handle(&batch).await {
                 Ok(applied) => {
                     crate::status::applied(&status, batch.len(), applied);
                     break;

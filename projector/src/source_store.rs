@@ -6,12 +6,14 @@ use std::time::Duration;
 use ledger_store::{LogCursor, LogNotifications};
 use tokio::sync::watch;
 
-use crate::apply::{Applier, Incoming, Origin, STORE_READER};
+use crate::apply::{BatchHandler, Incoming, Origin};
 use crate::status::SharedStatus;
 
-/// Runs until `stop` turns true.
-pub async fn run(
-    applier: Applier,
+/// Runs until `stop` turns true; `reader` names the progress row holding the cursor (the
+/// handler advances it with each batch).
+pub async fn run<H: BatchHandler>(
+    applier: H,
+    reader: &'static str,
     pool: sqlx::PgPool,
     batch_size: i64,
     poll_interval: Duration,
@@ -21,7 +23,7 @@ pub async fn run(
     let mut notifications = LogNotifications::new(&pool).await;
     let mut backoff = Duration::from_millis(100);
     while !*stop.borrow() {
-        let cursor = match ledger_readmodels::progress::cursor(&pool, STORE_READER).await {
+        let cursor = match ledger_readmodels::progress::cursor(&pool, reader).await {
             Ok((transaction_id, global_position)) => LogCursor {
                 transaction_id,
                 global_position,
@@ -56,7 +58,7 @@ pub async fn run(
                 event: Box::new(entry.event),
             })
             .collect();
-        match applier.apply_batch(&incoming).await {
+        match applier.handle(&incoming).await {
             Ok(applied) => {
                 crate::status::applied(&status, incoming.len(), applied);
                 backoff = Duration::from_millis(100);

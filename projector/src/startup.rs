@@ -8,17 +8,27 @@ use tokio::net::TcpListener;
 use crate::apply::Applier;
 use crate::config::Settings;
 use crate::status::{self, Counters, StatusState};
+use crate::transfers::{ProcessManager, PROCESS_MANAGER};
 use crate::{source_kafka, source_store};
 
 pub use ledger_platform::startup::StartupError;
 
 /// A projector ready to run.
-#[derive(Debug)]
 pub struct Application {
     settings: Settings,
     pool: sqlx::PgPool,
     listener: TcpListener,
     state: StatusState,
+    transfers_consumer: Option<Arc<rdkafka::consumer::StreamConsumer>>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("settings", &self.settings)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Application {
@@ -30,16 +40,23 @@ impl Application {
             std::time::Duration::from_secs(5),
         )
         .await?;
-        let kafka = match &settings.kafka_brokers {
-            Some(brokers) => Some((
-                Arc::new(
-                    source_kafka::consumer(&settings, brokers)
-                        .map_err(|err| StartupError::Client(format!("Kafka client: {err}")))?,
-                ),
+        let kafka_client = |group: &str| match &settings.kafka_brokers {
+            Some(brokers) => source_kafka::consumer(&settings, brokers, group)
+                .map(|consumer| Some(Arc::new(consumer)))
+                .map_err(|err| StartupError::Client(format!("Kafka client: {err}"))),
+            None => Ok(None),
+        };
+        let kafka = kafka_client(&settings.kafka_group_id)?.map(|consumer| {
+            (
+                consumer,
                 settings.kafka_group_id.clone(),
                 settings.kafka_topic.clone(),
-            )),
-            None => None,
+            )
+        });
+        let transfers_consumer = if settings.transfers {
+            kafka_client(&settings.transfers_group_id)?
+        } else {
+            None
         };
         match crate::ops::overview::check_versions(&pool).await {
             Ok(stale) if settings.auto_rebuild => {
@@ -73,6 +90,7 @@ impl Application {
         let listener = ledger_platform::startup::bind(settings.listen_addr).await?;
         let state = StatusState {
             counters: Arc::new(Mutex::new(Counters::default())),
+            process_manager: Arc::new(Mutex::new(Counters::default())),
             pool: pool.clone(),
             kafka,
         };
@@ -81,6 +99,7 @@ impl Application {
             pool,
             listener,
             state,
+            transfers_consumer,
         })
     }
 
@@ -115,6 +134,15 @@ impl Application {
                 let _ = server_stop.wait_for(|stopped| *stopped).await;
             });
         let server = tokio::spawn(async move { server.await });
+        let process_manager = self.settings.transfers.then(|| {
+            tokio::spawn(run_process_manager(
+                self.settings.clone(),
+                self.pool.clone(),
+                self.transfers_consumer.clone(),
+                self.state.process_manager.clone(),
+                stop_rx.clone(),
+            ))
+        });
         match &self.state.kafka {
             Some((consumer, group, topic)) => {
                 let applier = Applier::new(self.pool.clone(), Some((group.clone(), topic.clone())));
@@ -134,6 +162,7 @@ impl Application {
                 let applier = Applier::new(self.pool.clone(), None);
                 source_store::run(
                     applier,
+                    crate::apply::STORE_READER,
                     self.pool.clone(),
                     self.settings.batch_size,
                     self.settings.poll_interval,
@@ -143,9 +172,56 @@ impl Application {
                 .await;
             }
         }
+        if let Some(process_manager) = process_manager {
+            if let Err(err) = process_manager.await {
+                tracing::error!(error = %err, "transfer process manager panicked");
+            }
+        }
         let result = server.await.unwrap_or(Ok(()));
         self.pool.close().await;
         tracing::info!("projector stopped");
         result
+    }
+}
+
+/// The transfer process manager's loop: its own consumer group, or its own store cursor.
+async fn run_process_manager(
+    settings: Settings,
+    pool: sqlx::PgPool,
+    consumer: Option<Arc<rdkafka::consumer::StreamConsumer>>,
+    status: crate::status::SharedStatus,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let concurrency = usize::try_from(settings.transfers_concurrency).unwrap_or(8);
+    match consumer {
+        Some(consumer) => {
+            let manager = ProcessManager::with_fault(
+                pool,
+                concurrency,
+                false,
+                settings.transfers_crash_after_steps,
+            );
+            if let Err(err) = source_kafka::run(settings, consumer, manager, status, stop).await {
+                tracing::error!(error = %err, "transfer process manager consumer failed");
+            }
+        }
+        None => {
+            let manager = ProcessManager::with_fault(
+                pool.clone(),
+                concurrency,
+                true,
+                settings.transfers_crash_after_steps,
+            );
+            source_store::run(
+                manager,
+                PROCESS_MANAGER,
+                pool,
+                settings.batch_size,
+                settings.poll_interval,
+                status,
+                stop,
+            )
+            .await;
+        }
     }
 }

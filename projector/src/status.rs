@@ -61,6 +61,8 @@ pub fn failed(status: &SharedStatus, error: &str) {
 #[derive(Clone)]
 pub struct StatusState {
     pub counters: SharedStatus,
+    /// Counters of the transfer process manager.
+    pub process_manager: SharedStatus,
     pub pool: PgPool,
     /// `(consumer, group, topic)` when consuming Kafka.
     pub kafka: Option<(Arc<StreamConsumer>, String, String)>,
@@ -120,6 +122,11 @@ async fn status(State(state): State<StatusState>) -> Result<Json<Value>, Problem
         Problem::internal()
     };
     let counters = state.counters.lock().map(|c| c.clone()).unwrap_or_default();
+    let process_manager = state
+        .process_manager
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
     let checkpoints = progress::all(&state.pool).await.map_err(internal)?;
     let letters = dead_letters::pending_counts(&state.pool)
         .await
@@ -220,5 +227,12 @@ async fn status(State(state): State<StatusState>) -> Result<Json<Value>, Problem
         "partitions": partitions,
         "unreadable_messages": letters.iter().find(|(p, _)| p == "*").map_or(0, |(_, n)| *n),
         "process": counters,
+        "transfer_process_manager": {
+            "counters": process_manager,
+            "dead_letters": letters
+                .iter()
+                .find(|(p, _)| p == crate::transfers::PROCESS_MANAGER)
+                .map_or(0, |(_, n)| *n),
+        },
     })))
 }
