@@ -244,12 +244,15 @@ pub async fn balances_from_events(database_url: &str) -> std::collections::BTree
     let mut conn = sqlx::PgConnection::connect(database_url).await.unwrap();
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT aggregate_id,
-                coalesce(sum(CASE event_type
-                                WHEN 'MoneyDeposited' THEN (payload->>'amount')::bigint
-                                WHEN 'MoneyWithdrawn' THEN -(payload->>'amount')::bigint
-                                ELSE 0 END), 0)::bigint
+                coalesce(sum(CASE WHEN event_type IN ('MoneyDeposited', 'TransferReceived',
+                                                     'TransferRefunded')
+                                  THEN (payload->>'amount')::bigint
+                                  WHEN event_type IN ('MoneyWithdrawn', 'TransferSent')
+                                  THEN -(payload->>'amount')::bigint
+                                  ELSE 0 END), 0)::bigint
            FROM events WHERE aggregate_type = 'account' AND event_type IN
-                ('AccountOpened', 'MoneyDeposited', 'MoneyWithdrawn', 'AccountClosed')
+                ('AccountOpened', 'MoneyDeposited', 'MoneyWithdrawn', 'AccountClosed',
+                 'TransferSent', 'TransferReceived', 'TransferRefunded', 'TransferSettled')
           GROUP BY aggregate_id",
     )
     .fetch_all(&mut conn)
