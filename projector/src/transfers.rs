@@ -5,11 +5,10 @@
 //! - `TransferRequested` → debit the source (`TransferSent`), then mark the transfer
 //!   debited; if the source refuses (insufficient funds, closed, unknown, other currency),
 //!   fail the transfer.
-//! - `TransferDebited` → credit the destination (`TransferReceived`), then complete the
-//!   transfer; if the destination refuses, refund the source (`TransferRefunded`), then
-//!   mark the transfer compensated.
-//! - `TransferCompleted` → settle the source (`TransferSettled`: nothing of it is in
-//!   flight any more, so the source may be closed).
+//! - `TransferDebited` → credit the destination (`TransferReceived`), settle the source
+//!   (`TransferSettled`: nothing of it is in flight any more, so the source may be closed),
+//!   then complete the transfer; if the destination refuses, refund the source
+//!   (`TransferRefunded`), then mark the transfer compensated.
 //!
 //! Each money-moving step has a deterministic id derived from the transfer id
 //! ([`TransferStep`]), and a step is taken by exactly one event, claimed in that event's own
@@ -20,6 +19,7 @@
 //! only after they succeed.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ledger_command::domain::{Account, AccountCommand, Transfer, TransferCommand, TransferError};
@@ -35,6 +35,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::apply::{Applied, Incoming, Origin};
+
+/// How often one reaction is retried in place before its batch fails (and is retried).
+const IN_PLACE_ATTEMPTS: u32 = 20;
 
 /// The name of the process manager's progress row and dead letters.
 pub const PROCESS_MANAGER: &str = "transfer_process_manager";
@@ -139,14 +142,37 @@ impl ProcessManager {
         })
     }
 
-    /// Reacts to one transfer's events, in order; poison ones go to the dead letters.
+    /// Reacts to one transfer's events, in order; poison ones go to the dead letters. A
+    /// transient failure (a lost race past the retries, the database) is retried here, for
+    /// this transfer alone, with backoff; after [`IN_PLACE_ATTEMPTS`] it fails the batch.
     async fn react_in_order(&self, events: Vec<RecordedEvent>) -> Result<u64, ReactionError> {
         let mut done = 0u64;
         for event in &events {
-            match self.react(event).await {
-                Ok(()) => done += 1,
-                Err(ReactionError::Poison(reason)) => self.dead_letter(event, &reason).await?,
-                Err(transient) => return Err(transient),
+            let mut backoff = Duration::from_millis(20);
+            let mut attempt = 1;
+            loop {
+                match self.react(event).await {
+                    Ok(()) => {
+                        done += 1;
+                        break;
+                    }
+                    Err(ReactionError::Poison(reason)) => {
+                        self.dead_letter(event, &reason).await?;
+                        break;
+                    }
+                    Err(transient) if attempt >= IN_PLACE_ATTEMPTS => return Err(transient),
+                    Err(transient) => {
+                        tracing::warn!(
+                            transfer_id = %event.aggregate_id,
+                            attempt,
+                            error = %transient,
+                            "transfer step failed; retrying"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        attempt += 1;
+                    }
+                }
             }
         }
         Ok(done)
@@ -167,10 +193,9 @@ impl ProcessManager {
         match decoded {
             TransferEvent::TransferRequested { .. } => self.debit(transfer_id, event).await,
             TransferEvent::TransferDebited {} => self.credit(transfer_id, event).await,
-            TransferEvent::TransferCompleted {} => self.settle(transfer_id, event).await,
-            TransferEvent::TransferFailed { .. } | TransferEvent::TransferCompensated { .. } => {
-                Ok(())
-            }
+            TransferEvent::TransferCompleted {}
+            | TransferEvent::TransferFailed { .. }
+            | TransferEvent::TransferCompensated { .. } => Ok(()),
         }
     }
 
@@ -295,6 +320,10 @@ impl ProcessManager {
         };
         match claim.event_type.as_str() {
             AccountEvent::TRANSFER_RECEIVED => {
+                tracing::info!("transfer credited");
+                // Settled first: once the transfer says completed, nothing of it is left
+                // in flight on the source.
+                self.settle(transfer_id, terms.from, cause).await?;
                 self.tell(transfer_id, TransferCommand::Complete, cause)
                     .await
             }
@@ -324,9 +353,13 @@ impl ProcessManager {
         }
     }
 
-    /// The settle step: `TransferSettled` on the source.
-    async fn settle(&self, transfer_id: Uuid, cause: &RecordedEvent) -> Result<(), ReactionError> {
-        let terms = self.terms(transfer_id).await?;
+    /// The settle step: `TransferSettled` on the source `from`.
+    async fn settle(
+        &self,
+        transfer_id: Uuid,
+        from: Uuid,
+        cause: &RecordedEvent,
+    ) -> Result<(), ReactionError> {
         let step = TransferStep::Settle.id(transfer_id);
         if transfer_steps::find(&self.pool, &step).await?.is_some() {
             return Ok(());
@@ -334,16 +367,13 @@ impl ProcessManager {
         let settled = self
             .accounts
             .execute(Intent {
-                aggregate_id: terms.from,
+                aggregate_id: from,
                 command: AccountCommand::SettleTransfer { transfer_id },
                 metadata: step_metadata(cause, Some(&step)),
             })
             .await;
         match settled {
-            Ok(_) | Err(LedgerError::StepTaken(_)) => {
-                tracing::info!("transfer completed and settled");
-                Ok(())
-            }
+            Ok(_) | Err(LedgerError::StepTaken(_)) => Ok(()),
             Err(other) => Err(other.into()),
         }
     }

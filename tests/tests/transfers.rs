@@ -30,6 +30,10 @@ struct Stack {
     query: QueryApi,
 }
 
+/// tansu answers heartbeats late under load; a short session would expire and the member
+/// might not get its partitions back (ADR 0008).
+const SESSION: (&str, &str) = ("KAFKA_SESSION_TIMEOUT", "45s");
+
 async fn stack(projector_env: &[(&str, &str)]) -> Stack {
     let broker = Broker::start().await;
     let url = migrated_database().await;
@@ -38,7 +42,9 @@ async fn stack(projector_env: &[(&str, &str)]) -> Stack {
     relay
         .wait_status("leader", DEADLINE, |s| s["leader"] == true)
         .await;
-    let projector = Projector::start(&url, Some(&broker.address), projector_env).await;
+    let mut env = projector_env.to_vec();
+    env.push(SESSION);
+    let projector = Projector::start(&url, Some(&broker.address), &env).await;
     let query = QueryApi::start(&url, &[]).await;
     Stack {
         url,
@@ -168,7 +174,22 @@ async fn wait_all_terminal(url: &str, expected: usize) -> BTreeMap<String, i64> 
         if usize::try_from(terminal).unwrap() == expected {
             Ok(states)
         } else {
-            Err(format!("{states:?}"))
+            // What the store says of one unfinished transfer, to tell a stuck process
+            // manager from a stuck projection.
+            let stuck: Option<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
+                "SELECT t.transfer_id,
+                        array(SELECT event_type FROM events e
+                               WHERE e.aggregate_type = 'transfer' AND e.aggregate_id = t.transfer_id
+                               ORDER BY sequence),
+                        array(SELECT step || ':' || event_type FROM transfer_steps s
+                               WHERE s.step LIKE t.transfer_id || '/%')
+                   FROM transfers t WHERE state NOT IN ('completed', 'failed', 'compensated')
+                  LIMIT 1",
+            )
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+            Err(format!("{states:?}; one unfinished: {stuck:?}"))
         }
     })
     .await
@@ -288,11 +309,25 @@ async fn check_conservation(url: &str, transfers: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_random_concurrent_transfers_conserve_money_and_all_end() {
-    let s = stack(&[]).await;
+    let mut s = stack(&[]).await;
     let mut rng = StdRng::seed_from_u64(6);
     let (all, _, _) = accounts(&s.api, &mut rng).await;
     let transfers = random_transfers(&s.api, &all, 1_000, 61).await;
-    let states = wait_all_terminal(&s.url, transfers.len()).await;
+    let url = s.url.clone();
+    let expected = transfers.len();
+    let waited = tokio::spawn(async move { wait_all_terminal(&url, expected).await }).await;
+    let states = match waited {
+        Ok(states) => states,
+        Err(panic) => {
+            let status = s.projector.status().await;
+            s.projector.process.signal(Signal::SIGKILL);
+            let logs = s.projector.process.drain().await;
+            panic!(
+                "{panic:?}\nprojector status: {status}\nprojector log tail:\n{}",
+                logs[logs.len().saturating_sub(40)..].join("\n")
+            );
+        }
+    };
     for state in ["completed", "failed", "compensated"] {
         assert!(
             states.get(state).copied().unwrap_or(0) > 0,
@@ -355,6 +390,7 @@ async fn transfers_survive_the_process_manager_being_killed_again_and_again() {
                     &[
                         ("KAFKA_GROUP_ID", group.as_str()),
                         ("TRANSFERS_GROUP_ID", transfers_group.as_str()),
+                        SESSION,
                     ],
                 )
                 .await
