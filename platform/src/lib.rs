@@ -13,9 +13,12 @@
 //!   request ids, fallbacks and the health routes.
 //! - [`testing`]: fresh databases for tests.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod metrics;
+pub mod openapi;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;

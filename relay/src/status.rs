@@ -37,13 +37,30 @@ impl std::fmt::Debug for StatusState {
 
 /// The routes.
 pub fn router(state: StatusState) -> Router {
+    let shared = state.status.clone();
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .with_state(state)
+        .merge(ledger_platform::metrics::router(move || {
+            let shared = shared.clone();
+            async move { refresh_metrics(&shared) }
+        }))
         .fallback(fallback::not_found)
+        .layer(middleware::from_fn(ledger_platform::metrics::layer))
         .layer(middleware::from_fn(request_id::layer))
+}
+
+/// Sets the relay's gauges from its status: `ledger_relay_leader`, `ledger_relay_lag_events`,
+/// `ledger_relay_lag_seconds`, `ledger_relay_position` and `ledger_relay_published_total`.
+fn refresh_metrics(shared: &crate::relay::SharedStatus) {
+    let status = shared.lock().map(|s| s.clone()).unwrap_or_default();
+    metrics::gauge!("ledger_relay_leader").set(if status.leader { 1.0 } else { 0.0 });
+    metrics::gauge!("ledger_relay_lag_events").set(status.lag_events as f64);
+    metrics::gauge!("ledger_relay_lag_seconds").set(status.lag_seconds);
+    metrics::gauge!("ledger_relay_position").set(status.global_position as f64);
+    metrics::counter!("ledger_relay_published_total").absolute(status.published);
 }
 
 async fn status(State(state): State<StatusState>) -> Json<Status> {
