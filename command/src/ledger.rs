@@ -164,6 +164,8 @@ where
 
             match self.store.commit(events, context, metadata.to_map()).await {
                 Ok(committed) => {
+                    metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
+                        .increment(appended as u64);
                     let version = committed
                         .last()
                         .and_then(|e| i64::try_from(e.sequence).ok())
@@ -190,6 +192,8 @@ where
                         }
                     }
                     tracing::debug!(attempt, "version conflict, retrying");
+                    metrics::counter!("ledger_command_conflicts_total", "aggregate_type" => A::TYPE)
+                        .increment(1);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
                 Err(err) => return Err(classify(err)),

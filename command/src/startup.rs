@@ -45,6 +45,7 @@ impl Application {
         };
         let router = http::router(
             AppState {
+                auth: settings.auth.auth(pool.clone()),
                 ledger: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
                 transfers: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
             },

@@ -1,17 +1,19 @@
 //! The admin HTTP API: the operator actions of `ledger-admin`, under `/admin` on the
-//! projector's status port, for callers presenting `Authorization: Bearer <ADMIN_TOKEN>`.
-//! Without `ADMIN_TOKEN` configured the admin API is off (every route answers 404).
-//! (Scoped API keys replace the single token with the production-readiness work.)
+//! projector's status port, for callers presenting an API key with the `admin` scope (or
+//! the break-glass `ADMIN_TOKEN`, when configured) as `Authorization: Bearer <key>`.
+//! Dead-letter actions are audited under the key's name (and `X-Actor`, if sent).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
+use ledger_platform::auth::{self, ApiKey, Auth, Guard, Scope};
 use ledger_platform::http::{Json, Path, Problem};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -38,7 +40,6 @@ pub struct Job {
 #[derive(Clone)]
 pub struct AdminState {
     pool: PgPool,
-    token: Arc<str>,
     jobs: Arc<Mutex<HashMap<String, Job>>>,
     batch_size: i64,
 }
@@ -49,16 +50,17 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// The admin routes (empty when no token is configured).
-pub fn router(pool: PgPool, token: Option<String>, batch_size: i64) -> Router {
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Router::new();
-    };
+/// The admin routes, behind API keys with the `admin` scope (or the break-glass
+/// `ADMIN_TOKEN`); `auth` says how keys are checked and rate limited.
+pub fn router(pool: PgPool, auth: Auth, batch_size: i64) -> Router {
     let state = AdminState {
         pool,
-        token: Arc::from(token),
         jobs: Arc::default(),
         batch_size,
+    };
+    let guard = Guard {
+        auth,
+        scope: Scope::Admin,
     };
     Router::new()
         .route("/admin/projections", get(projections))
@@ -71,46 +73,18 @@ pub fn router(pool: PgPool, token: Option<String>, batch_size: i64) -> Router {
         .route("/admin/dead-letters/{id}", get(show_letter))
         .route("/admin/dead-letters/{id}/retry", post(retry_letter))
         .route("/admin/dead-letters/{id}/skip", post(skip_letter))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn_with_state(guard, auth::require))
         .with_state(state)
 }
 
-async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
+/// Who acts: the API key's name, and the `X-Actor` the caller names (a person), if any.
+fn actor(key: Option<&ApiKey>, headers: &axum::http::HeaderMap) -> String {
+    let key = key.map_or("admin-api", |k| k.name.as_str());
+    headers
+        .get("x-actor")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
-            next.run(request).await
-        }
-        Some(_) => Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "Forbidden",
-            "the token is not valid for the admin API",
-        )
-        .into_response(),
-        None => {
-            let mut response = Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "Unauthenticated",
-                "send `Authorization: Bearer <admin token>`",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            response
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .filter(|v| !v.is_empty() && v.len() <= 100)
+        .map_or_else(|| key.to_owned(), |v| format!("{key}:{v}"))
 }
 
 fn problem(err: OpError) -> Problem {
@@ -138,14 +112,6 @@ fn problem(err: OpError) -> Problem {
             Problem::internal()
         }
     }
-}
-
-fn actor(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get("x-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 100)
-        .map_or_else(|| "admin-api".to_owned(), |v| format!("admin-api:{v}"))
 }
 
 async fn projections(State(state): State<AdminState>) -> Result<axum::Json<Value>, Problem> {
@@ -298,10 +264,12 @@ async fn show_letter(
 async fn retry_letter(
     State(state): State<AdminState>,
     Path(id): Path<i64>,
+    key: Option<Extension<ApiKey>>,
     headers: axum::http::HeaderMap,
 ) -> Result<axum::Json<dead_letters::Shown>, Problem> {
+    let actor = actor(key.as_ref().map(|k| &k.0), &headers);
     Ok(axum::Json(
-        dead_letters::retry(&state.pool, id, &actor(&headers))
+        dead_letters::retry(&state.pool, id, &actor)
             .await
             .map_err(problem)?,
     ))
@@ -310,10 +278,12 @@ async fn retry_letter(
 async fn skip_letter(
     State(state): State<AdminState>,
     Path(id): Path<i64>,
+    key: Option<Extension<ApiKey>>,
     headers: axum::http::HeaderMap,
 ) -> Result<axum::Json<dead_letters::Shown>, Problem> {
+    let actor = actor(key.as_ref().map(|k| &k.0), &headers);
     Ok(axum::Json(
-        dead_letters::skip(&state.pool, id, &actor(&headers))
+        dead_letters::skip(&state.pool, id, &actor)
             .await
             .map_err(problem)?,
     ))

@@ -131,6 +131,15 @@ impl Applier {
                         position = event.global_position,
                     );
                     let _entered = span.enter();
+                    // The thread from the HTTP request: its id and W3C trace context came
+                    // through the event's metadata and the Kafka headers.
+                    tracing::debug!(
+                        request_id = event.metadata.request_id.as_deref().unwrap_or(""),
+                        traceparent = event.metadata.traceparent().unwrap_or(""),
+                        event_type = %event.event_type,
+                        aggregate_id = %event.aggregate_id,
+                        "applying event"
+                    );
                     self.apply_event(&mut tx, event, item.origin(), &mut outcome)
                         .await?;
                     touched.insert(event.aggregate_id.clone());

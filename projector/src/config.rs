@@ -82,7 +82,12 @@ pub struct Settings {
     #[arg(long, env = "PROJECTOR_AUTO_REBUILD", default_value_t = false)]
     pub auto_rebuild: bool,
 
-    /// Bearer token of the admin API (`/admin/...` on the status port); unset = admin API off.
+    /// API keys (scope `admin` for the admin API) and rate limits.
+    #[command(flatten)]
+    pub auth: ledger_platform::auth::AuthSettings,
+
+    /// Break-glass bearer token of the admin API (`/admin/...` on the status port), accepted
+    /// besides API keys with the `admin` scope; unset = keys only.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 

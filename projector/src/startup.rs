@@ -124,9 +124,14 @@ impl Application {
             "projector status listening"
         );
         let mut server_stop = stop_rx.clone();
+        // The admin API always needs a key, whatever AUTH_MODE says for the public APIs.
+        let mut auth_settings = self.settings.auth.clone();
+        auth_settings.auth_mode = ledger_platform::auth::AuthMode::ApiKeys;
         let admin = crate::admin::router(
             self.pool.clone(),
-            self.settings.admin_token.clone(),
+            auth_settings
+                .auth(self.pool.clone())
+                .with_admin_token(self.settings.admin_token.clone()),
             self.settings.batch_size,
         );
         let server = axum::serve(self.listener, status::router(self.state.clone(), admin))

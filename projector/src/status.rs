@@ -76,14 +76,54 @@ impl std::fmt::Debug for StatusState {
 
 /// The routes, with `admin` (the admin API) merged in.
 pub fn router(state: StatusState, admin: Router) -> Router {
+    let for_metrics = state.clone();
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/status", get(status))
         .with_state(state)
         .merge(admin)
+        .merge(ledger_platform::metrics::router(move || {
+            let state = for_metrics.clone();
+            async move { refresh_metrics(state).await }
+        }))
         .fallback(fallback::not_found)
+        .layer(middleware::from_fn(ledger_platform::metrics::layer))
         .layer(middleware::from_fn(request_id::layer))
+}
+
+/// Sets the projector's gauges from the same figures `/status` shows:
+/// `ledger_projector_lag_events{projection}`, `ledger_projector_lag_seconds{projection}`,
+/// `ledger_projector_dead_letters{projection}` (pending), `ledger_projector_partition_lag_events{partition}`,
+/// `ledger_projector_applied_total` and `ledger_transfers_reactions_total`.
+async fn refresh_metrics(state: StatusState) {
+    let Ok(Json(status)) = status(State(state)).await else {
+        return;
+    };
+    let number = |value: &Value| value.as_f64().unwrap_or(0.0);
+    for projection in status["projections"].as_array().into_iter().flatten() {
+        let name = projection["name"].as_str().unwrap_or("").to_owned();
+        metrics::gauge!("ledger_projector_lag_events", "projection" => name.clone())
+            .set(number(&projection["lag_events"]));
+        metrics::gauge!("ledger_projector_lag_seconds", "projection" => name.clone())
+            .set(number(&projection["lag_seconds"]));
+        metrics::gauge!("ledger_projector_dead_letters", "projection" => name)
+            .set(number(&projection["dead_letters"]));
+    }
+    metrics::gauge!("ledger_projector_dead_letters", "projection" => crate::transfers::PROCESS_MANAGER)
+        .set(number(&status["transfer_process_manager"]["dead_letters"]));
+    for partition in status["partitions"].as_array().into_iter().flatten() {
+        let id = partition["partition"].to_string();
+        metrics::gauge!("ledger_projector_partition_lag_events", "partition" => id)
+            .set(number(&partition["lag_events"]));
+    }
+    metrics::counter!("ledger_projector_applied_total")
+        .absolute(status["process"]["applied"].as_u64().unwrap_or(0));
+    metrics::counter!("ledger_transfers_reactions_total").absolute(
+        status["transfer_process_manager"]["counters"]["applied"]
+            .as_u64()
+            .unwrap_or(0),
+    );
 }
 
 async fn ready(State(state): State<StatusState>) -> Result<Json<Value>, Problem> {

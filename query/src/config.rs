@@ -39,6 +39,10 @@ pub struct Settings {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// API keys and rate limits.
+    #[command(flatten)]
+    pub auth: ledger_platform::auth::AuthSettings,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

@@ -32,6 +32,7 @@ impl Application {
         let changes = Changes::new(settings.cache_max_entries, settings.cache_ttl);
         let router = http::router(
             AppState {
+                auth: settings.auth.auth(pool.clone()),
                 pool: pool.clone(),
                 changes: changes.clone(),
                 read_wait_timeout: settings.read_wait_timeout,

@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::ApplyError;
 
 /// One owner's totals in one currency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OwnerTotal {
     /// The owner.
     pub owner: String,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::ApplyError;
 
 /// One statement entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StatementEntry {
     /// The entry's event sequence within the account (the page cursor).
     pub sequence: i64,

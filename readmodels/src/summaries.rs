@@ -8,7 +8,7 @@ use sqlx::{PgConnection, PgPool};
 use crate::ApplyError;
 
 /// One account as the query API answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AccountSummary {
     /// The account.
     pub account_id: String,

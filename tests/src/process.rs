@@ -61,6 +61,9 @@ impl Process {
             .args(args)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            // Tests run without API keys unless they set AUTH_MODE themselves (the auth
+            // tests do; the admin API needs a key or ADMIN_TOKEN whatever this says).
+            .env("AUTH_MODE", "disabled")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

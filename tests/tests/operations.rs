@@ -437,7 +437,7 @@ async fn the_admin_api_needs_its_token_and_runs_a_dry_run_rebuild() {
         .send()
         .await
         .unwrap();
-    assert_eq!(wrong.status(), 403);
+    assert_eq!(wrong.status(), 401, "an unknown token is no credential");
     let ok: Value = client
         .get(&projections)
         .bearer_auth("s3cret-admin")

@@ -18,6 +18,7 @@ use super::intents::{self, CommandRequest};
 use super::AppState;
 use crate::domain::{AccountCommand, AccountStatus};
 use crate::ledger::Outcome;
+use ledger_platform::openapi::ProblemDetails;
 
 /// Longest owner name, in characters.
 const MAX_OWNER_CHARS: usize = 200;
@@ -34,7 +35,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /v1/accounts`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAccountRequest {
     /// Who owns the account: 1 to 200 characters, no control characters.
@@ -44,10 +45,11 @@ pub struct OpenAccountRequest {
 }
 
 /// Body of deposits and withdrawals.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoneyRequest {
     /// Positive integer minor units (cents for EUR).
+    #[schema(value_type = i64, minimum = 1)]
     pub amount: serde_json::Number,
     /// Must be the account's currency.
     pub currency: String,
@@ -57,7 +59,7 @@ pub struct MoneyRequest {
 }
 
 /// The answer to a successful command.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AccountResponse {
     /// The account.
     pub account_id: Uuid,
@@ -68,6 +70,7 @@ pub struct AccountResponse {
     /// Balance in minor units after the command.
     pub balance: i64,
     /// `open` or `closed`.
+    #[schema(value_type = String, example = "open")]
     pub status: AccountStatus,
     /// The account's version (sequence of its last event).
     pub version: i64,
@@ -90,8 +93,17 @@ impl From<&Outcome> for AccountResponse {
     }
 }
 
+/// Open an account.
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts",
+    params(super::openapi::IdempotencyKeyHeader),
+    request_body = OpenAccountRequest,
+    responses(
+        (status = 201, description = "Opened", body = AccountResponse),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 #[tracing::instrument(skip_all)]
-async fn open(
+pub async fn open(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,
@@ -112,7 +124,16 @@ enum Movement {
     Withdrawal,
 }
 
-async fn deposit(
+/// Deposit money into an account.
+#[utoipa::path(post, path = "/v1/accounts/{account_id}/deposits", tag = "accounts",
+    params(("account_id" = Uuid, Path, description = "The account"), super::openapi::IdempotencyKeyHeader),
+    request_body = MoneyRequest,
+    responses(
+        (status = 200, description = "Deposited", body = AccountResponse),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn deposit(
     state: State<AppState>,
     method: Method,
     uri: OriginalUri,
@@ -132,7 +153,16 @@ async fn deposit(
     .await
 }
 
-async fn withdraw(
+/// Withdraw money from an account (never below zero).
+#[utoipa::path(post, path = "/v1/accounts/{account_id}/withdrawals", tag = "accounts",
+    params(("account_id" = Uuid, Path, description = "The account"), super::openapi::IdempotencyKeyHeader),
+    request_body = MoneyRequest,
+    responses(
+        (status = 200, description = "Withdrawn", body = AccountResponse),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn withdraw(
     state: State<AppState>,
     method: Method,
     uri: OriginalUri,
@@ -179,9 +209,17 @@ async fn move_money(
     run(&state, request, account_id, command).await
 }
 
-/// Close takes no body; any body sent is ignored (and not part of the fingerprint).
+/// Close an account (zero balance, no transfer in flight). Takes no body; any body sent is
+/// ignored (and not part of the fingerprint).
+#[utoipa::path(post, path = "/v1/accounts/{account_id}/close", tag = "accounts",
+    params(("account_id" = Uuid, Path, description = "The account"), super::openapi::IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "Closed", body = AccountResponse),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 #[tracing::instrument(skip_all, fields(%account_id))]
-async fn close(
+pub async fn close(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,

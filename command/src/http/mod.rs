@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod error;
 pub mod headers;
 pub mod intents;
+pub mod openapi;
 pub mod transfers;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::{middleware, Router};
+use ledger_platform::auth::{self, Guard, Scope};
 use ledger_platform::http::{fallback, health, request_id, timeout};
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -22,6 +24,8 @@ pub use error::ApiError;
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
+    /// API keys (scope `write`) and rate limits.
+    pub auth: ledger_platform::auth::Auth,
     /// Executes account commands.
     pub ledger: Arc<Ledger>,
     /// Executes transfer commands.
@@ -40,10 +44,23 @@ pub struct Limits {
 /// The whole application router.
 pub fn router(state: AppState, limits: Limits) -> Router {
     let pool = state.ledger.pool().clone();
+    let guard = Guard {
+        auth: state.auth.clone(),
+        scope: Scope::Write,
+    };
     Router::new()
-        .nest("/v1", accounts::router().merge(transfers::router()))
+        .nest(
+            "/v1",
+            accounts::router()
+                .merge(transfers::router())
+                .route_layer(middleware::from_fn_with_state(guard, auth::require)),
+        )
         .with_state(state)
         .merge(health::router(pool))
+        .merge(ledger_platform::metrics::static_router())
+        .merge(ledger_platform::openapi::router(
+            <openapi::CommandApiDoc as utoipa::OpenApi>::openapi(),
+        ))
         .fallback(fallback::not_found)
         .method_not_allowed_fallback(fallback::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -52,5 +69,6 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             timeout::layer,
         ))
         .layer(CatchPanicLayer::custom(fallback::panic_response))
+        .layer(middleware::from_fn(ledger_platform::metrics::layer))
         .layer(middleware::from_fn(request_id::layer))
 }

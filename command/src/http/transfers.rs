@@ -23,6 +23,7 @@ use super::intents::{self, CommandRequest};
 use super::AppState;
 use crate::domain::{Transfer, TransferCommand, TransferStatus};
 use crate::ledger::Outcome;
+use ledger_platform::openapi::ProblemDetails;
 
 /// The transfer routes.
 pub fn router() -> Router<AppState> {
@@ -30,7 +31,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /v1/transfers`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRequest {
     /// The account debited.
@@ -38,17 +39,19 @@ pub struct TransferRequest {
     /// The account credited; must differ from `from`.
     pub to: Uuid,
     /// Positive integer minor units.
+    #[schema(value_type = i64, minimum = 1)]
     pub amount: serde_json::Number,
     /// ISO 4217 code; both accounts must hold it.
     pub currency: String,
 }
 
 /// The answer to an accepted transfer (202).
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TransferResponse {
     /// The transfer's id: read its progress at `/v1/transfers/{transfer_id}`.
     pub transfer_id: Uuid,
     /// `requested`: the money has not moved yet.
+    #[schema(value_type = String, example = "requested")]
     pub status: TransferStatus,
     /// The account debited.
     pub from: Option<Uuid>,
@@ -78,8 +81,17 @@ impl From<&Outcome<Transfer>> for TransferResponse {
     }
 }
 
+/// Ask for money to move between two accounts; read the outcome from the query API.
+#[utoipa::path(post, path = "/v1/transfers", tag = "transfers",
+    params(super::openapi::IdempotencyKeyHeader),
+    request_body = TransferRequest,
+    responses(
+        (status = 202, description = "Accepted: recorded as requested", body = TransferResponse),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 #[tracing::instrument(skip_all)]
-async fn request(
+pub async fn request(
     State(state): State<AppState>,
     method: Method,
     OriginalUri(uri): OriginalUri,

@@ -32,6 +32,10 @@ pub fn settings(database_url: &str, extra: &[&str]) -> ledger_command::config::S
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
+    // API keys have their own tests; the others run without.
+    if !extra.contains(&"--auth-mode") {
+        args.extend_from_slice(&["--auth-mode", "disabled"]);
+    }
     // Tests run in parallel against one server: keep each app's share of connections small.
     if !extra.contains(&"--database-max-connections") {
         args.extend_from_slice(&["--database-max-connections", "8"]);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use ledger_platform::auth::{self, Scope};
 use ledger_platform::config::{parse_database_url, DatabaseUrl};
 use ledger_projector::ops::{self, dead_letters, overview, rebuild, replay, republish};
 use serde::Serialize;
@@ -36,7 +37,7 @@ enum Command {
     Status,
     /// Build PROJECTION afresh from the event store beside the live one, then swap it in.
     Rebuild {
-        /// account_summary, account_statement or owner_totals.
+        /// account_summary, account_statement, owner_totals or transfers.
         projection: String,
         /// Build the copy and report how it differs from the live model; change nothing.
         #[arg(long)]
@@ -65,6 +66,26 @@ enum Command {
     /// Dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// API keys of the command, query and admin APIs.
+    #[command(subcommand)]
+    Keys(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a key; its secret is printed once and never stored.
+    Create {
+        /// Who or what the key is for (shown in audits and logs).
+        #[arg(long)]
+        name: String,
+        /// What it may do; repeat or separate with commas (write, read, admin).
+        #[arg(long = "scope", value_enum, value_delimiter = ',', required = true)]
+        scopes: Vec<Scope>,
+    },
+    /// Every key, without secrets.
+    List,
+    /// Revoke a key (effective within seconds).
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +321,55 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 let shown = dead_letters::skip(pool, *id, actor).await?;
                 print(cli.json, &shown, |s| {
                     println!("dead letter {}: {}", s.letter.id, s.letter.status)
+                });
+            }
+        },
+        Command::Keys(command) => match command {
+            KeyCommand::Create { name, scopes } => {
+                let name = name.trim();
+                if name.is_empty() || name.len() > 100 {
+                    return Err(ops::OpError::Invalid(
+                        "--name must be 1 to 100 characters".into(),
+                    ));
+                }
+                let created = auth::create(pool, name, scopes).await?;
+                print(cli.json, &created, |k| {
+                    println!(
+                        "created key {} ({}) with scopes {}",
+                        k.id,
+                        k.name,
+                        k.scopes.join(",")
+                    );
+                    println!("{}", k.key);
+                    println!("(store it now: it is not kept and cannot be shown again)");
+                });
+            }
+            KeyCommand::List => {
+                let keys = auth::list(pool).await?;
+                print(cli.json, &keys, |keys| {
+                    println!(
+                        "{:<36} {:<14} {:<16} {:<18} state",
+                        "id", "prefix", "scopes", "name"
+                    );
+                    for k in keys {
+                        println!(
+                            "{:<36} {:<14} {:<16} {:<18} {}",
+                            k.id,
+                            k.prefix,
+                            k.scopes.join(","),
+                            k.name,
+                            k.revoked_at
+                                .map_or("live".to_owned(), |at| format!("revoked {at}"))
+                        );
+                    }
+                });
+            }
+            KeyCommand::Revoke { id } => {
+                if !auth::revoke(pool, *id).await? {
+                    return Err(ops::OpError::Invalid(format!("no live key {id}")));
+                }
+                print(cli.json, &serde_json::json!({"revoked": id}), |_| {
+                    println!("revoked key {id}");
                 });
             }
         },

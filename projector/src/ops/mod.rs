@@ -18,7 +18,7 @@ pub mod republish;
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     /// No projection of that name.
-    #[error("unknown projection `{0}` (known: account_summary, account_statement, owner_totals)")]
+    #[error("unknown projection `{0}` (known: account_summary, account_statement, owner_totals, transfers)")]
     UnknownProjection(String),
     /// A rebuild of this projection is running elsewhere.
     #[error("a rebuild of `{0}` is already running")]

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::consistency::{requested, wait_for};
 use super::error::ApiError;
 use super::AppState;
+use ledger_platform::openapi::ProblemDetails;
 
 /// Default and largest statement page.
 const DEFAULT_PAGE: i64 = 100;
@@ -30,26 +31,33 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `?position=` on every read.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SummaryQuery {
+    /// Read your write: answer once the read model has reached this position (a command's
+    /// `position`), else 412.
+    #[param(value_type = Option<i64>, minimum = 0)]
     position: Option<String>,
 }
 
 /// Query of a statement page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatementQuery {
     /// Opaque cursor from a previous page's `next_cursor`.
     after: Option<String>,
     /// Entries per page, 1..=500 (default 100).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
     limit: Option<String>,
     /// Read-your-writes token.
+    #[param(value_type = Option<i64>, minimum = 0)]
     position: Option<String>,
 }
 
 /// A statement page.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatementPage {
     /// The account.
     pub account_id: String,
@@ -72,7 +80,16 @@ fn etag(summary: &AccountSummary) -> String {
     format!("\"{}-{}\"", summary.account_id, summary.version)
 }
 
-async fn summary(
+/// An account's balance and state.
+#[utoipa::path(get, path = "/v1/accounts/{account_id}", tag = "accounts",
+    params(("account_id" = String, Path, description = "The account"), SummaryQuery),
+    responses(
+        (status = 200, description = "The account", body = AccountSummary),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn summary(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
     query: Result<Query<SummaryQuery>, axum::extract::rejection::QueryRejection>,
@@ -152,7 +169,15 @@ fn parse_limit(limit: Option<&str>) -> Result<i64, ApiError> {
         })
 }
 
-async fn statement(
+/// A page of an account's statement, oldest first.
+#[utoipa::path(get, path = "/v1/accounts/{account_id}/statement", tag = "accounts",
+    params(("account_id" = String, Path, description = "The account"), StatementQuery),
+    responses(
+        (status = 200, description = "A page", body = StatementPage),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn statement(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
     query: Result<Query<StatementQuery>, axum::extract::rejection::QueryRejection>,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::consistency::{requested, wait_for};
 use super::error::ApiError;
 use super::AppState;
+use ledger_platform::openapi::ProblemDetails;
 
 /// The owner routes.
 pub fn router() -> Router<AppState> {
@@ -22,7 +23,8 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Query of the totals.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TotalsQuery {
     /// Read-your-writes token…
@@ -32,7 +34,7 @@ pub struct TotalsQuery {
 }
 
 /// An owner's totals.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Totals {
     /// The owner.
     pub owner: String,
@@ -40,7 +42,15 @@ pub struct Totals {
     pub totals: Vec<OwnerTotal>,
 }
 
-async fn totals(
+/// An owner's accounts and money per currency.
+#[utoipa::path(get, path = "/v1/owners/{owner}/totals", tag = "owners",
+    params(("owner" = String, Path, description = "The owner"), TotalsQuery),
+    responses(
+        (status = 200, description = "The totals", body = Totals),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn totals(
     State(state): State<AppState>,
     Path(owner): Path<String>,
     query: Result<Query<TotalsQuery>, axum::extract::rejection::QueryRejection>,

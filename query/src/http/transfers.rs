@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::consistency::{requested, wait_for_model, Model};
 use super::error::ApiError;
 use super::AppState;
+use ledger_platform::openapi::ProblemDetails;
 
 /// The transfer routes.
 pub fn router() -> Router<AppState> {
@@ -22,14 +23,17 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `?position=`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TransferQuery {
+    /// Read your write: the position the transfer request answered with.
+    #[param(value_type = Option<i64>, minimum = 0)]
     position: Option<String>,
 }
 
 /// Why a transfer failed or was compensated.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Failure {
     /// The refusal's code, e.g. `insufficient_funds`, `account_closed`.
     pub code: String,
@@ -38,7 +42,7 @@ pub struct Failure {
 }
 
 /// A transfer as the query API answers it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TransferView {
     /// The transfer.
     pub transfer_id: String,
@@ -89,7 +93,15 @@ impl From<TransferRow> for TransferView {
     }
 }
 
-async fn transfer(
+/// Where a transfer is.
+#[utoipa::path(get, path = "/v1/transfers/{transfer_id}", tag = "transfers",
+    params(("transfer_id" = uuid::Uuid, Path, description = "The transfer"), TransferQuery),
+    responses(
+        (status = 200, description = "The transfer", body = TransferView),
+        (status = "default", description = "A problem", body = ProblemDetails, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
+pub async fn transfer(
     State(state): State<AppState>,
     Path(transfer_id): Path<Uuid>,
     query: Result<Query<TransferQuery>, axum::extract::rejection::QueryRejection>,
