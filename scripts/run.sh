@@ -24,6 +24,12 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 
 cargo build --release --bins --locked
 "$bin/ledger-command" migrate
+if [ "${AUTH_MODE:-api-keys}" = api-keys ]; then
+  key=$("$bin/ledger-admin" --json keys create --name "local-$(date +%s)" --scope write,read,admin |
+    sed -n 's/.*"key": "\(lk_[0-9a-f_]*\)".*/\1/p')
+  log "API key for this run (write, read, admin): $key"
+  log "  e.g. curl -H 'Authorization: Bearer $key' ...   (revoke with ledger-admin keys revoke)"
+fi
 
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null' EXIT

@@ -5,7 +5,8 @@
 #   3. the tansu Kafka-protocol broker, installed once per machine under ~/.local/tansu (the
 #      end-to-end tests start one broker per test on a free loopback port and stop it after),
 #   4. the workspace binaries (the end-to-end tests start them as processes),
-# then runs the whole test suite (cargo-nextest when installed, cargo test otherwise).
+# then runs the whole test suite (cargo-nextest when installed, cargo test otherwise) and,
+# when no filter is given, schemathesis against both HTTP APIs (scripts/schemathesis.sh).
 # Each test creates its own database next to `ledger_test`; they are dropped at the end.
 #
 # Usage: scripts/test.sh [extra arguments for the test runner, e.g. a test name filter]
@@ -38,8 +39,16 @@ log "applying migrations to ledger_test"
 LOG_FORMAT=pretty "${CARGO_TARGET_DIR:-target}/debug/ledger-command" migrate
 
 log "running the tests"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
+  cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --locked --no-fail-fast "$@"
+  cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 fi
+
+# With no filter given, the whole suite: also the property-based API tests.
+if [ $# -eq 0 ]; then
+  log "running schemathesis against both HTTP APIs"
+  scripts/schemathesis.sh || status=1
+fi
+exit $status
