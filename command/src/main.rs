@@ -9,7 +9,7 @@ use ledger_platform::{db, shutdown, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = ledger_platform::config::parse_or_exit();
-    telemetry::init(cli.settings.log_format);
+    let _telemetry = telemetry::init(cli.settings.log_format, "ledger-command");
     let settings = cli.settings;
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => migrate(&settings).await,

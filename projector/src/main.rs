@@ -9,7 +9,7 @@ use ledger_projector::startup::Application;
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings: Settings = ledger_platform::config::parse_or_exit();
-    telemetry::init(settings.log_format);
+    let _telemetry = telemetry::init(settings.log_format, "ledger-projector");
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(err) => {
