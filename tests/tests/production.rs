@@ -310,3 +310,167 @@ async fn every_process_serves_metrics_and_the_request_id_reaches_the_projectors_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_otlp_endpoint_configured_spans_are_exported_in_the_callers_trace() {
+    // A stand-in OpenTelemetry collector: records every OTLP/HTTP export it receives.
+    let received = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let store = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                store.lock().await.push(body.to_vec());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let url = migrated_database().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _command = Process::start(
+        &binary("ledger-command"),
+        &[],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("COMMAND_LISTEN_ADDR", &addr),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    wait_until_ready(&format!("http://{addr}/readyz"), DEADLINE).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = send(
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/accounts"))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .json(&json!({"owner": "o", "currency": "EUR"})),
+    )
+    .await;
+    assert_eq!(answer.0, 201, "{}", answer.2);
+    // The export carries the service's name and the caller's trace id (binary, 16 bytes).
+    let wanted = hex::decode(trace_id).unwrap();
+    let received = &received;
+    let wanted = &wanted;
+    eventually(
+        DEADLINE,
+        "a span of the caller's trace exported",
+        || async move {
+            let exports = received.lock().await;
+            let found = exports.iter().any(|body| {
+                body.windows(wanted.len()).any(|w| w == wanted.as_slice())
+                    && body.windows(14).any(|w| w == b"ledger-command")
+            });
+            found
+                .then_some(())
+                .ok_or_else(|| format!("{} exports", exports.len()))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_stops_relay_projector_and_query_cleanly_and_loses_nothing() {
+    let broker = Broker::start().await;
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let mut relay = Relay::start(&url, &broker.address, &[]).await;
+    relay
+        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
+        .await;
+    let mut projector = Projector::start(&url, Some(&broker.address), &[]).await;
+    let mut query = QueryApi::start(&url, &[]).await;
+    let account = api.open_account().await;
+
+    // Writers and readers keep going while the three processes are told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, client, base, account) = (
+            stop.clone(),
+            api.client.clone(),
+            api.base.clone(),
+            account.clone(),
+        );
+        tokio::spawn(async move {
+            let mut acknowledged = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = client
+                    .post(format!("{base}/v1/accounts/{account}/deposits"))
+                    .json(&json!({"amount": 1, "currency": "EUR"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                acknowledged += 1;
+            }
+            acknowledged
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, client, base, account) = (
+                stop.clone(),
+                query.client.clone(),
+                query.base.clone(),
+                account.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answered = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client
+                        .get(format!("{base}/v1/accounts/{account}"))
+                        .send()
+                        .await
+                    {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            assert!(status < 500, "a reader got {status} during shutdown");
+                            answered += 1;
+                        }
+                        // The listener is closed: the process is going away, nothing half-done.
+                        Err(err) if err.is_connect() => break,
+                        Err(err) => panic!("a reader's request broke: {err}"),
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for process in [&relay.process, &projector.process, &query.process] {
+        process.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+    for (name, process) in [
+        ("relay", &mut relay.process),
+        ("projector", &mut projector.process),
+        ("query", &mut query.process),
+    ] {
+        assert_eq!(
+            process.exit_code(Duration::from_secs(40)).await,
+            0,
+            "{name}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged = writer.await.unwrap();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    // Restarted, they pick up where their checkpoints and committed offsets say: every
+    // acknowledged deposit is in the balance, once.
+    let _relay = Relay::start(&url, &broker.address, &[]).await;
+    let _projector = Projector::start(&url, Some(&broker.address), &[]).await;
+    ledger_e2e::services::wait_until_projected(&url, Duration::from_secs(120)).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let balance: i64 =
+        sqlx::query_scalar("SELECT balance FROM account_summaries WHERE account_id = $1")
+            .bind(&account)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(balance, acknowledged, "every acknowledged deposit, once");
+}
