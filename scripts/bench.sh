@@ -3,6 +3,8 @@
 # the same run. Sets up PostgreSQL and the broker like scripts/test.sh.
 #
 # Usage: scripts/bench.sh relay [--accounts N] [--events-per-account N] [--partitions N]
+#        scripts/bench.sh rebuild [--accounts N] [--events-per-account N] [--projection P]
+#        scripts/bench.sh commands [--accounts N] [--seconds N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/postgres.sh

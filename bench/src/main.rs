@@ -7,6 +7,8 @@
 //!   code to the same broker.
 //! - `rebuild`: a projection rebuilt from at least 1,000,000 events, beside the ordered-read
 //!   ceiling of the same store (the same commit-safe reads, applying nothing).
+//! - `commands`: command throughput and latency at 1 and 32 clients beside a pgbench
+//!   single-row INSERT ceiling and plain cqrs-es, and a hot account (see `commands.rs`).
 //! - `tail`: prints a topic's messages as a person reads them (key, headers, value), for
 //!   brokers that Debian's kcat cannot talk to (tansu).
 
@@ -59,6 +61,16 @@ enum Bench {
         #[arg(long, default_value_t = 1_000)]
         batch_size: i64,
     },
+    /// Command throughput at 1 and 32 clients beside a pgbench single-row ceiling and plain
+    /// cqrs-es, and a hot account (32 clients on one account).
+    Commands {
+        /// Accounts the deposits are spread over.
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Seconds per measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Print every message of a topic: key and headers on one line, the value on the next.
     Tail {
         /// Bootstrap servers.
@@ -70,9 +82,12 @@ enum Bench {
     },
 }
 
+mod commands;
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().bench {
+        Bench::Commands { accounts, seconds } => commands::commands(accounts, seconds).await,
         Bench::Relay {
             accounts,
             events_per_account,

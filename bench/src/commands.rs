@@ -1,0 +1,321 @@
+//! `ledger-bench commands`: the command side under load, each figure beside a ceiling or a
+//! peer measured in the same run (issue 8, items 1 and 2):
+//!
+//! - the real `ledger-command` binary, HTTP deposits on random accounts out of N, at 1 and
+//!   32 concurrent clients: accepted commands/s, p50 and p99;
+//! - ceiling: pgbench, one single-row INSERT per transaction, same clients, same database;
+//! - peer: plain cqrs-es + postgres-es, the same aggregate through `CqrsFramework::execute`
+//!   in process (no HTTP, no batching, no cache, no retries);
+//! - hot account: 32 clients depositing into one account: successes/s, 409s, version-conflict
+//!   retries (from the process's `/metrics`), lost updates (must be 0).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use ledger_command::domain::{Account, AccountCommand};
+use ledger_e2e::services::migrated_database;
+use ledger_e2e::{binary, free_port, wait_until_ready, Process};
+use ledger_events::Amount;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// One measured run.
+struct Run {
+    ok: u64,
+    failed: u64,
+    seconds: f64,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[index].as_secs_f64() * 1000.0
+    }
+}
+
+/// Runs `clients` loops of `op` for `seconds`, counting successes and latencies.
+async fn drive<F, Fut>(clients: usize, seconds: u64, op: F) -> Run
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let (stop, op) = (stop.clone(), op.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut latencies) = (0u64, 0u64, Vec::new());
+                let mut n = client;
+                while !stop.load(Ordering::Relaxed) {
+                    let at = Instant::now();
+                    if op(n).await {
+                        ok += 1;
+                        latencies.push(at.elapsed());
+                    } else {
+                        failed += 1;
+                    }
+                    n = n.wrapping_add(clients);
+                }
+                (ok, failed, latencies)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut run = Run {
+        ok: 0,
+        failed: 0,
+        seconds: 0.0,
+        latencies: Vec::new(),
+    };
+    for task in join_all(tasks).await {
+        let (ok, failed, latencies) = task.unwrap();
+        run.ok += ok;
+        run.failed += failed;
+        run.latencies.extend(latencies);
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    run
+}
+
+/// Opens `count` EUR accounts with 1,000,000 in each, straight into the store.
+async fn seed(url: &str, count: usize) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    for chunk in ids.chunks(1_000) {
+        let strings: Vec<String> = chunk.iter().map(Uuid::to_string).collect();
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', id, 1, 'AccountOpened', '1',
+                    json_build_object('type','AccountOpened','owner','bench','currency','EUR'), '{}'::json
+               FROM unnest($1::text[]) id
+             UNION ALL
+             SELECT 'account', id, 2, 'MoneyDeposited', '2',
+                    json_build_object('type','MoneyDeposited','amount',1000000,'currency','EUR','reference',null), '{}'::json
+               FROM unnest($1::text[]) id",
+        )
+        .bind(&strings)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query("VACUUM ANALYZE events")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    ids
+}
+
+/// pgbench: one single-row INSERT per transaction, `clients` clients, `seconds` seconds.
+fn pgbench(url: &str, clients: usize, seconds: u64) -> f64 {
+    let script = std::env::temp_dir().join(format!("ledger-bench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "INSERT INTO bench_rows (account, amount) VALUES (gen_random_uuid(), 1);\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new("pgbench")
+        .args(["-n", "-f"])
+        .arg(&script)
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+            "-T",
+            &seconds.to_string(),
+            url,
+        ])
+        .output()
+        .expect("pgbench runs (Debian package postgresql-client)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find(|line| line.starts_with("tps = "))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench output: {text}"))
+}
+
+/// The sum of `ledger_command_conflicts_total` in a `/metrics` text.
+async fn conflicts(base: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("ledger_command_conflicts_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The benchmark.
+pub async fn commands(accounts: usize, seconds: u64) {
+    let url = migrated_database().await;
+    let ids = Arc::new(seed(&url, accounts).await);
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE bench_rows (id bigserial PRIMARY KEY, account uuid NOT NULL,
+                                  amount bigint NOT NULL, at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _command = Process::start(
+        &binary("ledger-command"),
+        &[],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("COMMAND_LISTEN_ADDR", &addr),
+            ("AUTH_MODE", "disabled"),
+            ("DATABASE_MAX_CONNECTIONS", "40"),
+            ("RUST_LOG", "warn"),
+        ],
+    );
+    let base = format!("http://{addr}");
+    wait_until_ready(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(40)
+        .connect(&url)
+        .await
+        .unwrap();
+    let plain = Arc::new(postgres_es::postgres_cqrs::<Account>(pool, vec![], ()));
+
+    println!("accounts: {accounts}; {seconds} s per measure");
+    println!(
+        "{:<44} {:>8} {:>12} {:>9} {:>9} {:>8}",
+        "measure", "clients", "commands/s", "p50 ms", "p99 ms", "errors"
+    );
+    let mut table = Vec::new();
+    for clients in [1usize, 32] {
+        let ceiling = pgbench(&url, clients, seconds);
+        println!(
+            "{:<44} {:>8} {:>12.0} {:>9} {:>9} {:>8}",
+            "pgbench single-row INSERT (ceiling)", clients, ceiling, "-", "-", "-"
+        );
+        let (ids2, plain2) = (ids.clone(), plain.clone());
+        let baseline = drive(clients, seconds, move |n| {
+            let (ids, plain) = (ids2.clone(), plain2.clone());
+            async move {
+                let id = ids[n.wrapping_mul(7919) % ids.len()].to_string();
+                plain
+                    .execute(
+                        &id,
+                        AccountCommand::Deposit {
+                            amount: Amount::new(1).unwrap(),
+                            currency: "EUR".parse().unwrap(),
+                            reference: None,
+                        },
+                    )
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        report("plain cqrs-es + postgres-es (peer)", clients, &baseline);
+        let (ids2, client2, base2) = (ids.clone(), client.clone(), base.clone());
+        let ledger = drive(clients, seconds, move |n| {
+            let (ids, client, base) = (ids2.clone(), client2.clone(), base2.clone());
+            async move {
+                let id = ids[n.wrapping_mul(7919) % ids.len()];
+                client
+                    .post(format!("{base}/v1/accounts/{id}/deposits"))
+                    .json(&json!({"amount": 1, "currency": "EUR"}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        report("ledger-command over HTTP", clients, &ledger);
+        table.push((clients, ceiling, baseline.rate(), ledger.rate()));
+    }
+    for (clients, ceiling, baseline, ledger) in &table {
+        println!(
+            "{clients} clients: ledger / plain cqrs-es = {:.2}; ledger / single-row ceiling = {:.2}",
+            ledger / baseline,
+            ledger / ceiling
+        );
+    }
+
+    // Hot account: everyone on one account.
+    let hot = ids[0];
+    let before: i64 = balance(&mut conn, hot).await;
+    let conflicts_before = conflicts(&base).await;
+    let rejected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (client2, base2, rejected2) = (client.clone(), base.clone(), rejected.clone());
+    let run = drive(32, seconds, move |_| {
+        let (client, base, rejected) = (client2.clone(), base2.clone(), rejected2.clone());
+        async move {
+            let response = client
+                .post(format!("{base}/v1/accounts/{hot}/deposits"))
+                .json(&json!({"amount": 1, "currency": "EUR"}))
+                .send()
+                .await;
+            match response {
+                Ok(r) if r.status().is_success() => true,
+                Ok(r) if r.status() == 409 => {
+                    rejected.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let after = balance(&mut conn, hot).await;
+    let retries = conflicts(&base).await - conflicts_before;
+    report("hot account, ledger-command over HTTP", 32, &run);
+    let lost = i64::try_from(run.ok).unwrap() - (after - before);
+    println!(
+        "hot account: {} accepted, {} answered 409, {retries:.0} version-conflict retries, lost updates {lost}; hot / 1-client rate = {:.2}",
+        run.ok,
+        rejected.load(Ordering::Relaxed),
+        run.rate() / table[0].3
+    );
+}
+
+fn report(name: &str, clients: usize, run: &Run) {
+    println!(
+        "{:<44} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>8}",
+        name,
+        clients,
+        run.rate(),
+        run.percentile(0.5),
+        run.percentile(0.99),
+        run.failed
+    );
+}
+
+/// An account's balance from its events (the truth).
+async fn balance(conn: &mut PgConnection, id: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum((payload->>'amount')::bigint), 0)::bigint FROM events
+          WHERE aggregate_type = 'account' AND aggregate_id = $1 AND event_type = 'MoneyDeposited'",
+    )
+    .bind(id.to_string())
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
