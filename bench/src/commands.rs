@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use ledger_command::domain::{Account, AccountCommand};
-use ledger_e2e::services::migrated_database;
-use ledger_e2e::{binary, free_port, wait_until_ready, Process};
+use ledger_e2e::services::{migrated_database, CommandApi};
 use ledger_events::Amount;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -177,20 +176,16 @@ pub async fn commands(accounts: usize, seconds: u64) {
     .await
     .unwrap();
 
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _command = Process::start(
-        &binary("ledger-command"),
-        &[],
+    let command = CommandApi::start_with(
+        &url,
         &[
-            ("DATABASE_URL", url.as_str()),
-            ("COMMAND_LISTEN_ADDR", &addr),
             ("AUTH_MODE", "disabled"),
             ("DATABASE_MAX_CONNECTIONS", "40"),
             ("RUST_LOG", "warn"),
         ],
-    );
-    let base = format!("http://{addr}");
-    wait_until_ready(&format!("{base}/readyz"), Duration::from_secs(30)).await;
+    )
+    .await;
+    let base = command.base.clone();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()

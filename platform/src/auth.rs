@@ -175,6 +175,11 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
 
 /// The live key `key` is, if any.
 pub async fn verify(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, sqlx::Error> {
+    lookup(pool, key, &digest(key)).await
+}
+
+/// [`verify`] with the key's digest already computed.
+async fn lookup(pool: &PgPool, key: &str, key_digest: &str) -> Result<Option<ApiKey>, sqlx::Error> {
     let Some(prefix) = prefix_of(key) else {
         return Ok(None);
     };
@@ -186,7 +191,7 @@ pub async fn verify(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, sqlx::Er
     .fetch_optional(pool)
     .await?;
     Ok(row.and_then(|(id, name, hash, scopes)| {
-        constant_time_eq(hash.as_bytes(), digest(key).as_bytes()).then_some(ApiKey {
+        constant_time_eq(hash.as_bytes(), key_digest.as_bytes()).then_some(ApiKey {
             id,
             name,
             scopes,
@@ -263,11 +268,6 @@ impl Auth {
         self
     }
 
-    /// Whether keys are required.
-    pub fn mode(&self) -> AuthMode {
-        self.mode
-    }
-
     async fn key_for(&self, presented: &str) -> Result<Option<ApiKey>, Problem> {
         if let Some(token) = &self.admin_token {
             if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
@@ -282,10 +282,12 @@ impl Auth {
         if let Some(known) = self.cache.get(&digest).await {
             return Ok(known);
         }
-        let found = verify(&self.pool, presented).await.map_err(|err| {
-            tracing::error!(error = %err, "cannot verify an API key");
-            Problem::unavailable("cannot verify the API key now; retry later")
-        })?;
+        let found = lookup(&self.pool, presented, &digest)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "cannot verify an API key");
+                Problem::unavailable("cannot verify the API key now; retry later")
+            })?;
         self.cache.insert(digest, found.clone()).await;
         Ok(found)
     }

@@ -200,7 +200,7 @@ async fn run_process_manager(
     let concurrency = usize::try_from(settings.transfers_concurrency).unwrap_or(8);
     match consumer {
         Some(consumer) => {
-            let manager = ProcessManager::with_fault(
+            let manager = ProcessManager::new(
                 pool,
                 concurrency,
                 false,
@@ -211,7 +211,7 @@ async fn run_process_manager(
             }
         }
         None => {
-            let manager = ProcessManager::with_fault(
+            let manager = ProcessManager::new(
                 pool.clone(),
                 concurrency,
                 true,

@@ -84,14 +84,11 @@ pub struct ProcessManager {
 }
 
 impl ProcessManager {
-    /// A process manager over `pool`, reacting to up to `concurrency` transfers at once.
-    pub fn new(pool: PgPool, concurrency: usize, store_cursor: bool) -> Self {
-        Self::with_fault(pool, concurrency, store_cursor, 0)
-    }
-
-    /// Like [`ProcessManager::new`], aborting the process after `crash_after_steps`
-    /// money-moving steps (fault injection for tests; 0 disables it).
-    pub fn with_fault(
+    /// A process manager over `pool`, reacting to up to `concurrency` transfers at once;
+    /// `store_cursor` when it reads the store's log (it then advances its cursor);
+    /// `crash_after_steps` aborts the process after that many money-moving steps (fault
+    /// injection for tests; 0 disables it).
+    pub fn new(
         pool: PgPool,
         concurrency: usize,
         store_cursor: bool,

@@ -47,15 +47,18 @@ pub struct CommandApi {
 impl CommandApi {
     /// Starts `ledger-command` over `database_url`; returns once it is ready.
     pub async fn start(database_url: &str) -> Self {
+        Self::start_with(database_url, &[]).await
+    }
+
+    /// Like [`CommandApi::start`], with `extra` environment (e.g. `AUTH_MODE`).
+    pub async fn start_with(database_url: &str, extra: &[(&str, &str)]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
-        let process = Process::start(
-            &binary("ledger-command"),
-            &[],
-            &[
-                ("DATABASE_URL", database_url),
-                ("COMMAND_LISTEN_ADDR", &addr),
-            ],
-        );
+        let mut env = vec![
+            ("DATABASE_URL", database_url),
+            ("COMMAND_LISTEN_ADDR", addr.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        let process = Process::start(&binary("ledger-command"), &[], &env);
         let base = format!("http://{addr}");
         wait_until_ready(&format!("{base}/readyz"), Duration::from_secs(30)).await;
         Self {

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use ledger_e2e::broker::Broker;
+use ledger_e2e::eventually;
 use ledger_e2e::services::{admin, migrated_database, CommandApi, Projector, QueryApi, Relay};
-use ledger_e2e::{binary, eventually, free_port, wait_until_ready, Process};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
@@ -32,22 +32,16 @@ async fn key(url: &str, name: &str, scopes: &str) -> (String, String) {
 }
 
 /// A command API requiring keys, with a small rate limit.
-async fn command_with_keys(url: &str) -> (Process, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let process = Process::start(
-        &binary("ledger-command"),
-        &[],
+async fn command_with_keys(url: &str) -> CommandApi {
+    CommandApi::start_with(
+        url,
         &[
-            ("DATABASE_URL", url),
-            ("COMMAND_LISTEN_ADDR", &addr),
             ("AUTH_MODE", "api-keys"),
             ("RATE_LIMIT_PER_SECOND", "1"),
             ("RATE_LIMIT_BURST", "5"),
         ],
-    );
-    let base = format!("http://{addr}");
-    wait_until_ready(&format!("{base}/readyz"), DEADLINE).await;
-    (process, base)
+    )
+    .await
 }
 
 async fn send(request: reqwest::RequestBuilder) -> (u16, reqwest::header::HeaderMap, Value) {
@@ -77,7 +71,8 @@ async fn api_keys_gate_every_api_by_scope_and_are_never_logged() {
     let (_, writer) = key(&url, "writer", "write").await;
     let (reader_id, reader) = key(&url, "reader", "read").await;
     let (_, operator) = key(&url, "operator", "admin").await;
-    let (mut command, base) = command_with_keys(&url).await;
+    let mut command = command_with_keys(&url).await;
+    let base = command.base.clone();
     let query = QueryApi::start(&url, &[("AUTH_MODE", "api-keys")]).await;
     let projector = Projector::start(&url, None, &[]).await;
     let client = reqwest::Client::new();
@@ -164,9 +159,9 @@ async fn api_keys_gate_every_api_by_scope_and_are_never_logged() {
             .await
             .unwrap();
     assert_eq!(stored, 0);
-    command.signal(nix::sys::signal::Signal::SIGTERM);
-    command.exit_code(DEADLINE).await;
-    let logs = command.drain().await.join("\n");
+    command.process.signal(nix::sys::signal::Signal::SIGTERM);
+    command.process.exit_code(DEADLINE).await;
+    let logs = command.process.drain().await.join("\n");
     assert!(logs.contains("request handled"), "the log is there");
     for secret in [&writer, &reader, &operator] {
         let tail = &secret[secret.len() - 32..];
@@ -178,7 +173,8 @@ async fn api_keys_gate_every_api_by_scope_and_are_never_logged() {
 async fn a_key_over_its_rate_gets_429_with_retry_after_and_nothing_is_done() {
     let url = migrated_database().await;
     let (_, writer) = key(&url, "busy", "write").await;
-    let (_command, base) = command_with_keys(&url).await;
+    let command = command_with_keys(&url).await;
+    let base = command.base.clone();
     let client = reqwest::Client::new();
     let mut statuses = Vec::new();
     let mut limited = None;
@@ -331,22 +327,18 @@ async fn with_an_otlp_endpoint_configured_spans_are_exported_in_the_callers_trac
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
     let url = migrated_database().await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _command = Process::start(
-        &binary("ledger-command"),
-        &[],
+    let command = CommandApi::start_with(
+        &url,
         &[
-            ("DATABASE_URL", url.as_str()),
-            ("COMMAND_LISTEN_ADDR", &addr),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
-    );
-    wait_until_ready(&format!("http://{addr}/readyz"), DEADLINE).await;
+    )
+    .await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let answer = send(
         reqwest::Client::new()
-            .post(format!("http://{addr}/v1/accounts"))
+            .post(format!("{}/v1/accounts", command.base))
             .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .json(&json!({"owner": "o", "currency": "EUR"})),
     )

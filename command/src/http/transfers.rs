@@ -11,12 +11,13 @@ use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::{extract::State, Router};
+use ledger_events::Amount;
 use ledger_platform::http::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::accounts::parse_money;
+use super::accounts::parse_currency;
 use super::error::ApiError;
 use super::headers::CommandHeaders;
 use super::intents::{self, CommandRequest};
@@ -98,11 +99,8 @@ pub async fn request(
     headers: CommandHeaders,
     Json(body): Json<TransferRequest>,
 ) -> Result<Response, ApiError> {
-    let (amount, currency, _) = parse_money(&super::accounts::MoneyRequest {
-        amount: body.amount.clone(),
-        currency: body.currency.clone(),
-        reference: None,
-    })?;
+    let amount = Amount::from_json_number(&body.amount)?;
+    let currency = parse_currency(&body.currency)?;
     if headers.idempotency_key.is_none() {
         return Err(ApiError::IdempotencyKeyRequired);
     }
