@@ -56,6 +56,20 @@ pub struct Settings {
     #[arg(long, env = "COMMAND_MAX_RETRIES", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub command_max_retries: u32,
 
+    /// Writer tasks committing commands (group commit, ADR 0010); accounts are spread over
+    /// them and each commits one batch at a time.
+    #[arg(long, env = "COMMAND_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub command_writers: u16,
+
+    /// Most commands one writer commits in one statement.
+    #[arg(long, env = "COMMAND_BATCH_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub command_batch_max: u16,
+
+    /// Most aggregates kept in memory per aggregate type (their state is re-read from the
+    /// store when evicted or found stale).
+    #[arg(long, env = "COMMAND_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub command_cache_capacity: u64,
+
     /// How long an Idempotency-Key is remembered; afterwards it may be used again.
     #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_retention: Duration,

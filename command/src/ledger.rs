@@ -18,7 +18,7 @@ use crate::domain::{Account, Decider};
 use crate::idempotency;
 use crate::store::{self, LedgerRepository};
 use crate::transfer_steps::{self, StepClaim};
-use ledger_store::positions;
+use crate::writer::{WriterConfig, Writers};
 
 /// One command with its metadata.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ pub enum LedgerError<E: std::error::Error = crate::domain::AccountError> {
     KeyTaken,
     /// Its transfer step was taken by another event (this command's or another's).
     #[error("transfer step {} was already taken by {}", .0.step, .0.event_type)]
-    StepTaken(StepClaim),
+    StepTaken(Box<StepClaim>),
     /// Every attempt lost the race for the aggregate's next version.
     #[error("concurrent updates to the aggregate; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
@@ -105,6 +105,7 @@ impl RetryPolicy {
 pub struct Ledger<A: Decider = Account> {
     pool: PgPool,
     store: PersistedEventStore<LedgerRepository, A>,
+    writers: Writers<A>,
     retry: RetryPolicy,
 }
 
@@ -122,10 +123,22 @@ where
     A: Decider,
     A::Error: std::error::Error,
 {
-    /// A ledger over `pool`, snapshotting every `snapshot_every` events.
+    /// A ledger over `pool`, snapshotting every `snapshot_every` events, with the default
+    /// writers. Starts the writer tasks: call it inside a tokio runtime.
     pub fn new(pool: PgPool, snapshot_every: usize, retry: RetryPolicy) -> Self {
+        let writers = WriterConfig {
+            snapshot_every: i64::try_from(snapshot_every).unwrap_or(i64::MAX),
+            ..WriterConfig::default()
+        };
+        Self::with_writers(pool, retry, writers)
+    }
+
+    /// A ledger over `pool` with writers sized by `writers`.
+    pub fn with_writers(pool: PgPool, retry: RetryPolicy, writers: WriterConfig) -> Self {
+        let snapshot_every = usize::try_from(writers.snapshot_every).unwrap_or(usize::MAX);
         Self {
             store: store::event_store(pool.clone(), snapshot_every),
+            writers: Writers::start(pool.clone(), writers),
             pool,
             retry,
         }
@@ -134,47 +147,24 @@ where
     /// Carries out `intent`: at most one set of events is appended, and only a returned
     /// `Ok` means they are committed. A command the aggregate has nothing left to do for
     /// appends nothing and answers the current state.
+    ///
+    /// The command is decided and committed by its aggregate's writer, together with the
+    /// commands queued beside it (group commit, ADR 0010). A command that loses a race with
+    /// another process even on fresh state is retried here with jittered backoff, unless
+    /// its idempotency key or transfer step turns out to be taken.
     #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %intent.aggregate_id))]
     pub async fn execute(&self, intent: Intent<A>) -> Result<Outcome<A>, LedgerError<A::Error>> {
-        let aggregate_id = intent.aggregate_id.to_string();
         for attempt in 0..=self.retry.max_retries {
-            let context = self
-                .store
-                .load_aggregate(&aggregate_id)
+            match self
+                .writers
+                .submit(
+                    intent.aggregate_id,
+                    intent.command.clone(),
+                    intent.metadata.clone(),
+                )
                 .await
-                .map_err(classify)?;
-            let events = context
-                .aggregate
-                .decide(intent.command.clone())
-                .map_err(LedgerError::Rejected)?;
-            let mut state = context.aggregate.clone();
-            events.iter().for_each(|event| state.fold(event));
-            let appended = events.len();
-            if events.is_empty() {
-                let version = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
-                return self.outcome(intent.aggregate_id, state, version, 0).await;
-            }
-
-            let mut metadata = intent.metadata.clone();
-            let command_id = Uuid::now_v7().to_string();
-            metadata
-                .causation_id
-                .get_or_insert_with(|| command_id.clone());
-            metadata.command_id = Some(command_id);
-
-            match self.store.commit(events, context, metadata.to_map()).await {
-                Ok(committed) => {
-                    metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
-                        .increment(appended as u64);
-                    let version = committed
-                        .last()
-                        .and_then(|e| i64::try_from(e.sequence).ok())
-                        .ok_or_else(|| LedgerError::Internal("commit returned no events".into()))?;
-                    return self
-                        .outcome(intent.aggregate_id, state, version, appended)
-                        .await;
-                }
-                Err(AggregateError::AggregateConflict) => {
+            {
+                Err(LedgerError::Conflict { .. }) => {
                     if let Some(key) = &intent.metadata.idempotency_key {
                         if idempotency::is_claimed(&self.pool, key)
                             .await
@@ -188,7 +178,7 @@ where
                             .await
                             .map_err(sql_error)?
                         {
-                            return Err(LedgerError::StepTaken(claim));
+                            return Err(LedgerError::StepTaken(Box::new(claim)));
                         }
                     }
                     tracing::debug!(attempt, "version conflict, retrying");
@@ -196,7 +186,7 @@ where
                         .increment(1);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
-                Err(err) => return Err(classify(err)),
+                other => return other,
             }
         }
         tracing::warn!(
@@ -254,31 +244,6 @@ where
     /// The pool (for idempotency bookkeeping beside the ledger).
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// The outcome at `version`, with the global position of the event at that version.
-    async fn outcome(
-        &self,
-        aggregate_id: Uuid,
-        state: A,
-        version: i64,
-        appended: usize,
-    ) -> Result<Outcome<A>, LedgerError<A::Error>> {
-        let position = if version == 0 {
-            0
-        } else {
-            positions::global_position(&self.pool, A::TYPE, &aggregate_id.to_string(), version)
-                .await
-                .map_err(sql_error)?
-                .ok_or_else(|| LedgerError::Internal("committed event not found".into()))?
-        };
-        Ok(Outcome {
-            aggregate_id,
-            state,
-            version,
-            position,
-            appended,
-        })
     }
 }
 

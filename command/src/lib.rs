@@ -29,3 +29,4 @@ pub mod ledger;
 pub mod startup;
 pub mod store;
 pub mod transfer_steps;
+pub mod writer;

@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState, Limits};
 use crate::idempotency;
 use crate::ledger::{Ledger, RetryPolicy};
+use crate::writer::WriterConfig;
 
 pub use ledger_platform::startup::StartupError;
 
@@ -38,16 +39,21 @@ impl Application {
 
     /// Binds the listener over an existing pool.
     pub async fn with_pool(settings: &Settings, pool: PgPool) -> Result<Self, StartupError> {
-        let snapshot_every = usize::try_from(settings.snapshot_every).unwrap_or(usize::MAX);
         let retry = RetryPolicy {
             max_retries: settings.command_max_retries,
             ..RetryPolicy::default()
         };
+        let writers = WriterConfig {
+            writers: usize::from(settings.command_writers),
+            batch_max: usize::from(settings.command_batch_max),
+            cache_capacity: settings.command_cache_capacity,
+            snapshot_every: i64::try_from(settings.snapshot_every).unwrap_or(i64::MAX),
+        };
         let router = http::router(
             AppState {
                 auth: settings.auth.auth(pool.clone()),
-                ledger: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
-                transfers: Arc::new(Ledger::new(pool.clone(), snapshot_every, retry)),
+                ledger: Arc::new(Ledger::with_writers(pool.clone(), retry, writers)),
+                transfers: Arc::new(Ledger::with_writers(pool.clone(), retry, writers)),
             },
             Limits {
                 max_body_bytes: usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX),

@@ -221,7 +221,7 @@ impl ProcessManager {
                         self.step_taken();
                         self.claimed(&step).await?
                     }
-                    Err(LedgerError::StepTaken(claim)) => claim,
+                    Err(LedgerError::StepTaken(claim)) => *claim,
                     Err(LedgerError::Rejected(refusal)) => {
                         let failed = self
                             .transfers
@@ -239,7 +239,7 @@ impl ProcessManager {
                                 tracing::info!(code = refusal.code(), "transfer failed");
                                 return Ok(());
                             }
-                            Err(LedgerError::StepTaken(claim)) => claim,
+                            Err(LedgerError::StepTaken(claim)) => *claim,
                             Err(other) => return Err(other.into()),
                         }
                     }
@@ -286,7 +286,7 @@ impl ProcessManager {
                         self.step_taken();
                         self.claimed(&step).await?
                     }
-                    Err(LedgerError::StepTaken(claim)) => claim,
+                    Err(LedgerError::StepTaken(claim)) => *claim,
                     Err(LedgerError::Rejected(refusal)) => {
                         let refunded = self
                             .accounts
@@ -307,7 +307,7 @@ impl ProcessManager {
                                 self.step_taken();
                                 self.claimed(&step).await?
                             }
-                            Err(LedgerError::StepTaken(claim)) => claim,
+                            Err(LedgerError::StepTaken(claim)) => *claim,
                             Err(other) => return Err(other.into()),
                         }
                     }

@@ -8,7 +8,9 @@ pub use transfer::{Transfer, TransferCommand, TransferError, TransferStatus};
 
 /// An aggregate as the command side drives it: decide on the current state, fold the
 /// decided events in. cqrs-es's `handle`/`apply` are written on top of these.
-pub trait Decider: Aggregate<Command: Clone> + Clone {
+pub trait Decider:
+    Aggregate<Command: Clone + Send + Sync + 'static, Error: Send + Sync + 'static> + Clone + 'static
+{
     /// The events `command` produces from this state (none when it is already done), or
     /// the rule it breaks.
     fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;

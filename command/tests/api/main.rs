@@ -14,3 +14,4 @@ mod helpers;
 mod idempotency;
 mod store;
 mod transfers;
+mod writer;

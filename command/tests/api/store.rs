@@ -1,8 +1,10 @@
 //! The event store: extra columns, upcasting, snapshots, the snapshot race, the key trigger.
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
-use ledger_command::domain::Account;
+use ledger_command::domain::{Account, AccountCommand};
+use ledger_command::ledger::{Intent, Ledger, RetryPolicy};
 use ledger_command::store::LedgerRepository;
+use ledger_events::{Amount, Metadata};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -83,23 +85,33 @@ async fn snapshots_are_taken_every_n_events_and_loading_from_them_gives_the_same
     .unwrap();
     assert_eq!(last_sequence, 10);
     assert_eq!(payload["balance"], 27);
-    // Loading (snapshot at 10 + event 11 + event 12) gives the full state.
+    // Loading (snapshot at 10 + events 11 and 12) gives the full state.
     let answer = app.withdraw(id, 33, None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["balance"], 0);
 
-    // The snapshot is only a cache: corrupt its balance, and the next command would be wrong
-    // if it were not read from it. Proof that it is used, then restore by the events.
+    // The snapshot is read when an account is not in memory (a new process, an evicted
+    // entry): corrupt its balance, and a fresh ledger's answer shows it was used.
     sqlx::query("UPDATE snapshots SET payload = json_build_object('status','open','owner','alice','currency','EUR','balance', 1000)")
         .execute(&app.pool)
         .await
         .unwrap();
-    let answer = app.withdraw(id, 1, None).await;
-    assert_eq!(
-        answer.status, 200,
-        "the snapshot was not used: {}",
-        answer.text
-    );
+    let cold: Ledger = Ledger::new(app.pool.clone(), 5, RetryPolicy::default());
+    let outcome = cold
+        .execute(Intent {
+            aggregate_id: id,
+            command: AccountCommand::Withdraw {
+                amount: Amount::new(1).unwrap(),
+                currency: "EUR".parse().unwrap(),
+                reference: None,
+            },
+            metadata: Metadata::default(),
+        })
+        .await
+        .expect("the snapshot's balance was not used");
+    // 1000 (snapshot at 10) + 3 (event 11) + 3 (event 12) - 33 (event 13) - 1
+    assert_eq!(outcome.state.balance, 972);
+    assert_eq!(outcome.version, 14);
 }
 
 fn event(id: &str, sequence: usize, command_id: Option<&str>) -> SerializedEvent {

@@ -1,0 +1,709 @@
+//! Group commit with hot aggregates kept in memory (ADR 0010).
+//!
+//! Commands are routed by aggregate id to one of a few writer tasks. Each writer owns a
+//! bounded cache of aggregate states (state, version, global position of the last event)
+//! and runs in a loop: take every command queued since its last round (up to a batch
+//! limit), decide each one in arrival order on the cached state (commands on the same
+//! aggregate build on each other), and append all their events with **one** statement,
+//! which PostgreSQL runs as one transaction. Only after that statement commits are the
+//! commands answered and the cache updated. Nothing waits for a batch to fill: a writer that
+//! is idle commits a single command at once; under load, commands queue while the previous
+//! statement runs, and the next statement carries them all.
+//!
+//! The cache is never trusted for what it cannot prove:
+//! - appends name the sequence numbers they build on, so a stale entry (another process
+//!   wrote the aggregate) hits the events' primary key and the whole statement fails; the
+//!   writer then forgets every aggregate of the batch and commits each command alone on
+//!   fresh state, so one stale entry costs its neighbours a round trip, never a wrong answer;
+//! - a refusal or a no-op decided on a cached entry is confirmed against the store's current
+//!   version first (one query for the batch), so a stale cache never refuses a command the
+//!   real state would accept.
+//!
+//! Idempotency keys and transfer steps are still claimed by the triggers on `events`, in
+//! the same statement. Two commands of one batch never carry the same key or step: the
+//! second waits for the next batch, where the trigger treats it like any duplicate.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+use cqrs_es::DomainEvent;
+use ledger_events::Metadata;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::domain::Decider;
+use crate::ledger::{LedgerError, Outcome};
+
+/// How the writers of one aggregate type are sized.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Writer tasks (each commits one statement at a time); aggregates are spread over them.
+    pub writers: usize,
+    /// Most commands committed by one statement.
+    pub batch_max: usize,
+    /// Most aggregates kept in memory, over all writers.
+    pub cache_capacity: u64,
+    /// A snapshot is written when an aggregate's version crosses a multiple of this.
+    pub snapshot_every: i64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            writers: 2,
+            batch_max: 256,
+            cache_capacity: 100_000,
+            snapshot_every: 100,
+        }
+    }
+}
+
+type Reply<A> = Result<Outcome<A>, LedgerError<<A as cqrs_es::Aggregate>::Error>>;
+
+/// One command waiting for its writer.
+struct Job<A: Decider> {
+    aggregate_id: Uuid,
+    command: A::Command,
+    metadata: Metadata,
+    reply: oneshot::Sender<Reply<A>>,
+}
+
+impl<A: Decider> Job<A> {
+    /// What must not appear twice in one batch: the idempotency key and the transfer step.
+    fn claims(&self) -> impl Iterator<Item = String> + '_ {
+        let key = self
+            .metadata
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("k:{k}"));
+        let step = self
+            .metadata
+            .transfer_step
+            .as_ref()
+            .map(|s| format!("s:{s}"));
+        key.into_iter().chain(step)
+    }
+}
+
+/// The writers of aggregate type `A`.
+pub(crate) struct Writers<A: Decider> {
+    queues: Vec<mpsc::UnboundedSender<Job<A>>>,
+}
+
+impl<A: Decider> std::fmt::Debug for Writers<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writers")
+            .field("writers", &self.queues.len())
+            .finish()
+    }
+}
+
+impl<A> Writers<A>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+{
+    /// Starts the writer tasks on the current tokio runtime. They stop when the last
+    /// `Writers` handle is dropped, after answering what they already took.
+    pub(crate) fn start(pool: PgPool, config: WriterConfig) -> Self {
+        let writers = config.writers.max(1);
+        let capacity = (config.cache_capacity / writers as u64).max(1);
+        let upcasters: Arc<[Box<dyn EventUpcaster>]> = ledger_events::upcast::upcasters().into();
+        let queues = (0..writers)
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let writer = Writer::<A> {
+                    pool: pool.clone(),
+                    cache: moka::sync::Cache::new(capacity),
+                    upcasters: upcasters.clone(),
+                    batch_max: config.batch_max.max(1),
+                    snapshot_every: config.snapshot_every.max(1),
+                };
+                tokio::spawn(writer.run(rx));
+                tx
+            })
+            .collect();
+        Self { queues }
+    }
+
+    /// Hands one command to its aggregate's writer and waits for the answer. A
+    /// [`LedgerError::Conflict`] means the command lost a race with another process even
+    /// on fresh state and may be retried.
+    pub(crate) async fn submit(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Reply<A> {
+        let shard =
+            usize::try_from(aggregate_id.as_u128() % self.queues.len() as u128).unwrap_or_default();
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            aggregate_id,
+            command,
+            metadata,
+            reply,
+        };
+        if self.queues[shard].send(job).is_err() {
+            return Err(LedgerError::Internal("the writer has stopped".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(LedgerError::Internal("the writer has stopped".into())))
+    }
+}
+
+/// What is known about one aggregate.
+#[derive(Debug, Clone)]
+struct Entry<A> {
+    state: A,
+    /// Sequence of its last event (0: no events).
+    version: i64,
+    /// Global position of its last event (0: no events).
+    position: i64,
+}
+
+impl<A: Default> Default for Entry<A> {
+    fn default() -> Self {
+        Self {
+            state: A::default(),
+            version: 0,
+            position: 0,
+        }
+    }
+}
+
+/// The rows one statement appends.
+#[derive(Default)]
+struct Rows {
+    aggregate_ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    event_versions: Vec<String>,
+    payloads: Vec<String>,
+    metadata: Vec<String>,
+    snapshot_ids: Vec<String>,
+    snapshot_sequences: Vec<i64>,
+    snapshot_payloads: Vec<String>,
+}
+
+/// What became of one command of a batch.
+enum Decision<A: Decider> {
+    /// Answered without writing (a refusal, or nothing left to do).
+    Done(Reply<A>),
+    /// Appends events; answered with the position of the last one once committed.
+    Append {
+        aggregate_id: Uuid,
+        state: A,
+        version: i64,
+        appended: usize,
+    },
+}
+
+/// Why a batch did not commit.
+enum Failure {
+    /// A unique constraint: a stale cache entry, or a key or step claimed elsewhere.
+    Conflict,
+    /// The database could not be reached or answered an error.
+    Database(sqlx::Error),
+    /// A stored payload or state could not be read, or an event could not be written.
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            // A unique constraint (the events' key, a claimed idempotency key or transfer
+            // step), or a transaction PostgreSQL chose to abort: retryable on fresh state.
+            sqlx::Error::Database(db)
+                if db.is_unique_violation()
+                    || matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+            {
+                Self::Conflict
+            }
+            _ => Self::Database(err),
+        }
+    }
+}
+
+impl Failure {
+    fn answer<E: std::error::Error>(&self) -> LedgerError<E> {
+        match self {
+            Self::Conflict => LedgerError::Conflict { attempts: 1 },
+            Self::Database(err) if ledger_platform::db::is_unavailable(err) => {
+                LedgerError::Unavailable(err.to_string())
+            }
+            Self::Database(err) => LedgerError::Internal(err.to_string()),
+            Self::Corrupt(reason) => LedgerError::Internal(reason.clone()),
+        }
+    }
+}
+
+struct Writer<A: Decider> {
+    pool: PgPool,
+    cache: moka::sync::Cache<Uuid, Entry<A>>,
+    upcasters: Arc<[Box<dyn EventUpcaster>]>,
+    batch_max: usize,
+    snapshot_every: i64,
+}
+
+impl<A> Writer<A>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+{
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Job<A>>) {
+        let mut held: VecDeque<Job<A>> = VecDeque::new();
+        loop {
+            let mut taken: Vec<Job<A>> = held.drain(..).collect();
+            if taken.is_empty() {
+                match queue.recv().await {
+                    Some(job) => taken.push(job),
+                    None => return,
+                }
+            }
+            while taken.len() < self.batch_max {
+                match queue.try_recv() {
+                    Ok(job) => taken.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut claimed = HashSet::new();
+            let mut batch = Vec::with_capacity(taken.len());
+            for job in taken {
+                if job.claims().all(|claim| !claimed.contains(&claim)) {
+                    claimed.extend(job.claims());
+                    batch.push(job);
+                } else {
+                    held.push_back(job);
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Commits `jobs` together; when the batch fails on a conflict, commits each alone on
+    /// fresh state so that only the command that really lost is told so.
+    async fn commit(&self, jobs: Vec<Job<A>>) {
+        metrics::histogram!("ledger_command_batch_size", "aggregate_type" => A::TYPE)
+            .record(jobs.len() as f64);
+        match self.try_commit(&jobs).await {
+            Ok(replies) => answer(jobs, replies),
+            Err(Failure::Conflict) if jobs.len() > 1 => {
+                metrics::counter!("ledger_command_batch_conflicts_total", "aggregate_type" => A::TYPE)
+                    .increment(1);
+                tracing::debug!(
+                    commands = jobs.len(),
+                    "batch hit a conflict; committing its commands one by one"
+                );
+                for job in jobs {
+                    let jobs = vec![job];
+                    match self.try_commit(&jobs).await {
+                        Ok(replies) => answer(jobs, replies),
+                        Err(failure) => fail(jobs, &failure),
+                    }
+                }
+            }
+            Err(failure) => fail(jobs, &failure),
+        }
+    }
+
+    /// Decides every job in order and appends their events in one statement. On any
+    /// failure nothing is written and every aggregate of the batch is forgotten.
+    async fn try_commit(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
+        let result = self.decide_and_append(jobs).await;
+        if result.is_err() {
+            for job in jobs {
+                self.cache.invalidate(&job.aggregate_id);
+            }
+        }
+        result
+    }
+
+    async fn decide_and_append(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
+        // Aggregates read from the store during this batch (or confirmed current).
+        let mut fresh: HashSet<Uuid> = HashSet::new();
+        let mut base: HashMap<Uuid, Entry<A>> = HashMap::new();
+        for job in jobs {
+            if let std::collections::hash_map::Entry::Vacant(slot) = base.entry(job.aggregate_id) {
+                if let Some(entry) = self.cache.get(&job.aggregate_id) {
+                    slot.insert(entry);
+                }
+            }
+        }
+        metrics::counter!("ledger_command_cache_hits_total", "aggregate_type" => A::TYPE)
+            .increment(base.len() as u64);
+        loop {
+            let missing: Vec<Uuid> = jobs
+                .iter()
+                .map(|job| job.aggregate_id)
+                .filter(|id| !base.contains_key(id))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            if !missing.is_empty() {
+                metrics::counter!("ledger_command_cache_misses_total", "aggregate_type" => A::TYPE)
+                    .increment(missing.len() as u64);
+                let mut loaded = self.load(&missing).await?;
+                for id in missing {
+                    base.insert(id, loaded.remove(&id).unwrap_or_default());
+                    fresh.insert(id);
+                }
+            }
+
+            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh)?;
+            if !unconfirmed.is_empty() {
+                let stale = self.stale(&unconfirmed, &base).await?;
+                fresh.extend(unconfirmed);
+                if !stale.is_empty() {
+                    for id in &stale {
+                        base.remove(id);
+                        self.cache.invalidate(id);
+                    }
+                    continue;
+                }
+            }
+            if rows.sequences.is_empty() {
+                return Ok(decisions.into_iter().map(Decision::into_reply).collect());
+            }
+            let positions = self.append(&rows).await?;
+            return decisions
+                .into_iter()
+                .map(|decision| match decision {
+                    Decision::Done(reply) => Ok(reply),
+                    Decision::Append {
+                        aggregate_id,
+                        state,
+                        version,
+                        appended,
+                    } => {
+                        let position =
+                            *positions.get(&(aggregate_id, version)).ok_or_else(|| {
+                                Failure::Corrupt("an appended event was not returned".into())
+                            })?;
+                        self.cache.insert(
+                            aggregate_id,
+                            Entry {
+                                state: state.clone(),
+                                version,
+                                position,
+                            },
+                        );
+                        Ok(Ok(Outcome {
+                            aggregate_id,
+                            state,
+                            version,
+                            position,
+                            appended,
+                        }))
+                    }
+                })
+                .collect();
+        }
+    }
+
+    /// Decides each job on the state the jobs before it left. Returns the decisions, the
+    /// rows to append, and the aggregates whose refusals or no-ops rest on an entry not yet
+    /// confirmed current.
+    #[allow(clippy::type_complexity)]
+    fn decide(
+        &self,
+        jobs: &[Job<A>],
+        base: &HashMap<Uuid, Entry<A>>,
+        fresh: &HashSet<Uuid>,
+    ) -> Result<(Vec<Decision<A>>, Rows, HashSet<Uuid>), Failure> {
+        let mut working: HashMap<Uuid, Entry<A>> = HashMap::new();
+        let mut rows = Rows::default();
+        let mut decisions = Vec::with_capacity(jobs.len());
+        let mut unconfirmed = HashSet::new();
+        for job in jobs {
+            let id = job.aggregate_id;
+            let entry = working
+                .entry(id)
+                .or_insert_with(|| base.get(&id).cloned().unwrap_or_default());
+            let events = match entry.state.decide(job.command.clone()) {
+                Ok(events) => events,
+                Err(rule) => {
+                    if !fresh.contains(&id) {
+                        unconfirmed.insert(id);
+                    }
+                    decisions.push(Decision::Done(Err(LedgerError::Rejected(rule))));
+                    continue;
+                }
+            };
+            if events.is_empty() {
+                if !fresh.contains(&id) {
+                    unconfirmed.insert(id);
+                }
+                decisions.push(Decision::Done(Ok(Outcome {
+                    aggregate_id: id,
+                    state: entry.state.clone(),
+                    version: entry.version,
+                    position: entry.position,
+                    appended: 0,
+                })));
+                continue;
+            }
+
+            let mut metadata = job.metadata.clone();
+            let command_id = Uuid::now_v7().to_string();
+            metadata
+                .causation_id
+                .get_or_insert_with(|| command_id.clone());
+            metadata.command_id = Some(command_id);
+            let metadata = serde_json::to_string(&metadata.to_map())
+                .map_err(|err| Failure::Corrupt(format!("metadata: {err}")))?;
+            let before = entry.version;
+            for event in &events {
+                entry.version += 1;
+                rows.aggregate_ids.push(id.to_string());
+                rows.sequences.push(entry.version);
+                rows.event_types.push(event.event_type());
+                rows.event_versions.push(event.event_version());
+                rows.payloads.push(
+                    serde_json::to_string(event)
+                        .map_err(|err| Failure::Corrupt(format!("event: {err}")))?,
+                );
+                rows.metadata.push(metadata.clone());
+                entry.state.fold(event);
+            }
+            if before / self.snapshot_every != entry.version / self.snapshot_every {
+                rows.snapshot_ids.push(id.to_string());
+                rows.snapshot_sequences.push(entry.version);
+                rows.snapshot_payloads.push(
+                    serde_json::to_string(&entry.state)
+                        .map_err(|err| Failure::Corrupt(format!("snapshot: {err}")))?,
+                );
+            }
+            decisions.push(Decision::Append {
+                aggregate_id: id,
+                state: entry.state.clone(),
+                version: entry.version,
+                appended: events.len(),
+            });
+        }
+        // A snapshot row per aggregate: keep only the last (newest) one.
+        dedup_snapshots(&mut rows);
+        Ok((decisions, rows, unconfirmed))
+    }
+
+    /// Loads aggregates from their latest snapshot and the events after it, in one query.
+    async fn load(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Entry<A>>, Failure> {
+        let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let rows: Vec<LoadRow> = sqlx::query_as(
+            "SELECT w.aggregate_id,
+                    CASE WHEN e.sequence = s.last_sequence THEN s.payload END AS snapshot,
+                    s.last_sequence AS snapshot_sequence,
+                    e.sequence, e.event_type, e.event_version, e.payload, e.global_position
+               FROM unnest($2::text[]) AS w(aggregate_id)
+               LEFT JOIN LATERAL (SELECT last_sequence, payload
+                                    FROM snapshots
+                                   WHERE aggregate_type = $1 AND aggregate_id = w.aggregate_id
+                                   ORDER BY last_sequence DESC
+                                   LIMIT 1) s ON true
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = w.aggregate_id
+                AND e.sequence >= coalesce(s.last_sequence, 0)
+              ORDER BY w.aggregate_id, e.sequence",
+        )
+        .bind(A::TYPE)
+        .bind(&strings)
+        .fetch_all(&self.pool)
+        .await?;
+
+        let mut loaded: HashMap<Uuid, Entry<A>> = HashMap::new();
+        for row in rows {
+            let id = Uuid::parse_str(&row.aggregate_id)
+                .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))?;
+            let entry = loaded.entry(id).or_default();
+            if let Some(snapshot) = row.snapshot {
+                entry.state = serde_json::from_value(snapshot)
+                    .map_err(|err| Failure::Corrupt(format!("snapshot of {id}: {err}")))?;
+            } else if row.snapshot_sequence != Some(row.sequence) {
+                let event = self.event(&row)?;
+                entry.state.fold(&event);
+            }
+            entry.version = row.sequence;
+            entry.position = row.global_position;
+        }
+        Ok(loaded)
+    }
+
+    /// Reads one stored event through the contract's upcasters.
+    fn event(&self, row: &LoadRow) -> Result<A::Event, Failure> {
+        let serialized = SerializedEvent::new(
+            row.aggregate_id.clone(),
+            usize::try_from(row.sequence).unwrap_or_default(),
+            A::TYPE.to_owned(),
+            row.event_type.clone(),
+            row.event_version.clone(),
+            row.payload.clone(),
+            Value::Null,
+        );
+        let upcast = self.upcasters.iter().fold(serialized, |event, upcaster| {
+            if upcaster.can_upcast(&event.event_type, &event.event_version) {
+                upcaster.upcast(event)
+            } else {
+                event
+            }
+        });
+        serde_json::from_value(upcast.payload).map_err(|err| {
+            Failure::Corrupt(format!(
+                "event {} of {}: {err}",
+                row.sequence, row.aggregate_id
+            ))
+        })
+    }
+
+    /// The aggregates of `ids` whose stored version differs from the cached one.
+    async fn stale(
+        &self,
+        ids: &HashSet<Uuid>,
+        base: &HashMap<Uuid, Entry<A>>,
+    ) -> Result<Vec<Uuid>, Failure> {
+        let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let current: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT aggregate_id, max(sequence)
+               FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
+              GROUP BY aggregate_id",
+        )
+        .bind(A::TYPE)
+        .bind(&strings)
+        .fetch_all(&self.pool)
+        .await?;
+        let current: HashMap<String, i64> = current.into_iter().collect();
+        Ok(ids
+            .iter()
+            .filter(|id| {
+                let stored = current.get(&id.to_string()).copied().unwrap_or(0);
+                base.get(id).map_or(0, |entry| entry.version) != stored
+            })
+            .copied()
+            .collect())
+    }
+
+    /// Appends the rows and writes the due snapshots, in one statement (one transaction).
+    /// Returns the global position of every appended event by (aggregate, sequence).
+    async fn append(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, Failure> {
+        let appended: Vec<(String, i64, i64)> = sqlx::query_as(
+            "WITH appended AS (
+                 INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                     event_version, payload, metadata)
+                 SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                        e.payload::json, e.metadata::json
+                   FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                               $7::text[])
+                        AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
+                 RETURNING aggregate_id, sequence, global_position
+             ), snapshot AS (
+                 SELECT s.aggregate_id, s.last_sequence, s.payload::json AS payload
+                   FROM unnest($8::text[], $9::bigint[], $10::text[])
+                        AS s(aggregate_id, last_sequence, payload)
+             ), updated AS (
+                 UPDATE snapshots AS old
+                    SET last_sequence = snapshot.last_sequence,
+                        payload = snapshot.payload,
+                        current_snapshot = old.current_snapshot + 1
+                   FROM snapshot
+                  WHERE old.aggregate_type = $1 AND old.aggregate_id = snapshot.aggregate_id
+                    AND old.last_sequence < snapshot.last_sequence
+                 RETURNING old.aggregate_id
+             ), created AS (
+                 INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
+                                        current_snapshot, payload)
+                 SELECT $1, snapshot.aggregate_id, snapshot.last_sequence, 1, snapshot.payload
+                   FROM snapshot
+                  WHERE NOT EXISTS (SELECT 1 FROM snapshots
+                                     WHERE aggregate_type = $1
+                                       AND aggregate_id = snapshot.aggregate_id)
+                 ON CONFLICT DO NOTHING
+                 RETURNING aggregate_id
+             )
+             SELECT aggregate_id, sequence, global_position FROM appended",
+        )
+        .bind(A::TYPE)
+        .bind(&rows.aggregate_ids)
+        .bind(&rows.sequences)
+        .bind(&rows.event_types)
+        .bind(&rows.event_versions)
+        .bind(&rows.payloads)
+        .bind(&rows.metadata)
+        .bind(&rows.snapshot_ids)
+        .bind(&rows.snapshot_sequences)
+        .bind(&rows.snapshot_payloads)
+        .fetch_all(&self.pool)
+        .await?;
+        metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
+            .increment(appended.len() as u64);
+        appended
+            .into_iter()
+            .map(|(id, sequence, position)| {
+                Uuid::parse_str(&id)
+                    .map(|id| ((id, sequence), position))
+                    .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))
+            })
+            .collect()
+    }
+}
+
+impl<A: Decider> Decision<A> {
+    fn into_reply(self) -> Reply<A> {
+        match self {
+            Self::Done(reply) => reply,
+            Self::Append { .. } => Err(LedgerError::Internal("events were not appended".into())),
+        }
+    }
+}
+
+/// One row of [`Writer::load`].
+#[derive(sqlx::FromRow)]
+struct LoadRow {
+    aggregate_id: String,
+    snapshot: Option<Value>,
+    snapshot_sequence: Option<i64>,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: Value,
+    global_position: i64,
+}
+
+/// Keeps the last snapshot row of each aggregate (a batch may cross a boundary twice).
+fn dedup_snapshots(rows: &mut Rows) {
+    let mut seen = HashSet::new();
+    let mut keep: Vec<usize> = (0..rows.snapshot_ids.len())
+        .rev()
+        .filter(|&i| seen.insert(rows.snapshot_ids[i].clone()))
+        .collect();
+    if keep.len() == rows.snapshot_ids.len() {
+        return;
+    }
+    keep.reverse();
+    rows.snapshot_ids = keep.iter().map(|&i| rows.snapshot_ids[i].clone()).collect();
+    rows.snapshot_sequences = keep.iter().map(|&i| rows.snapshot_sequences[i]).collect();
+    rows.snapshot_payloads = keep
+        .iter()
+        .map(|&i| rows.snapshot_payloads[i].clone())
+        .collect();
+}
+
+fn answer<A: Decider>(jobs: Vec<Job<A>>, replies: Vec<Reply<A>>) {
+    for (job, reply) in jobs.into_iter().zip(replies) {
+        // The requester may have gone (timeout); the outcome stands either way.
+        let _ = job.reply.send(reply);
+    }
+}
+
+fn fail<A>(jobs: Vec<Job<A>>, failure: &Failure)
+where
+    A: Decider,
+    A::Error: std::error::Error,
+{
+    for job in jobs {
+        let _ = job.reply.send(Err(failure.answer()));
+    }
+}

@@ -1,0 +1,123 @@
+//! Group commit and the in-memory aggregates (ADR 0010): batching never costs correctness,
+//! and a cache made stale by another process never decides anything on its own.
+
+use std::collections::HashSet;
+
+use futures::future::join_all;
+
+use crate::helpers::{spawn_app, spawn_app_on};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commands_share_transactions_and_keep_every_version() {
+    let app = spawn_app().await;
+    let hot = app.new_account().await;
+    let others = [app.new_account().await, app.new_account().await];
+    let requests = (0..60).map(|i| {
+        let account = if i % 3 == 0 { others[i % 2] } else { hot };
+        app.deposit(account, 1, None)
+    });
+    let answers = join_all(requests).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+
+    // Every command on the hot account got its own version, in one unbroken run.
+    let mut versions: Vec<i64> = answers
+        .iter()
+        .filter(|a| a.body["account_id"] == hot.to_string())
+        .map(|a| a.body["version"].as_i64().unwrap())
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=41).collect::<Vec<_>>());
+    assert_eq!(app.balance_from_events(hot).await, 40);
+    for other in others {
+        assert_eq!(app.balance_from_events(other).await, 10);
+    }
+
+    // Each answer's position is its own event's position.
+    for answer in &answers {
+        let (position,): (i64,) = sqlx::query_as(
+            "SELECT global_position FROM events WHERE aggregate_id = $1 AND sequence = $2",
+        )
+        .bind(answer.body["account_id"].as_str().unwrap())
+        .bind(answer.body["version"].as_i64().unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(answer.body["position"], position);
+    }
+
+    // Group commit: 60 deposits in flight together were not 60 transactions.
+    let transactions: HashSet<String> = sqlx::query_scalar::<_, String>(
+        "SELECT transaction_id::text FROM events WHERE event_type = 'MoneyDeposited'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert!(
+        transactions.len() < 60,
+        "60 concurrent deposits took {} transactions",
+        transactions.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_cache_is_stale_builds_on_the_other_replicas_events() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(&first.database_url, first.pool.clone(), &[]).await;
+    let stale = first.new_account().await;
+    let bystander = first.new_account().await;
+    assert_eq!(first.deposit(stale, 10, None).await.status, 200);
+    assert_eq!(first.deposit(bystander, 10, None).await.status, 200);
+    // The second replica moves the account on; the first still holds version 2.
+    let moved = second.deposit(stale, 5, None).await;
+    assert_eq!(moved.body["version"], 3, "{}", moved.text);
+
+    // Batched beside commands on an account whose entry is current.
+    let requests = (0..20).map(|i| {
+        let account = if i % 2 == 0 { stale } else { bystander };
+        first.deposit(account, 1, None)
+    });
+    for answer in join_all(requests).await {
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    assert_eq!(first.balance_from_events(stale).await, 25);
+    assert_eq!(first.balance_from_events(bystander).await, 20);
+    let answer = first.withdraw(stale, 25, None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["version"], 14);
+    assert_eq!(answer.body["balance"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_never_decided_on_a_stale_cache() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(&first.database_url, first.pool.clone(), &[]).await;
+    let id = first.new_account().await;
+    first
+        .withdraw(id, 50, None)
+        .await
+        .assert_problem(422, "insufficient_funds");
+    // Money arrives through the other replica; the first one's memory says 0.
+    assert_eq!(second.deposit(id, 100, None).await.status, 200);
+    let answer = first.withdraw(id, 50, None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["balance"], 50);
+    assert_eq!(answer.body["version"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_stale_cache_would_accept_is_decided_on_the_current_state() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(&first.database_url, first.pool.clone(), &[]).await;
+    let id = first.new_account().await;
+    assert_eq!(second.deposit(id, 7, None).await.status, 200);
+    // Closing needs a zero balance: the first replica's memory has 0, the store has 7. The
+    // append on the stale version fails, and the command is decided again, on 7.
+    first
+        .close(id, None)
+        .await
+        .assert_problem(422, "balance_not_zero");
+}
