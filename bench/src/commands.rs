@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use ledger_command::domain::{Account, AccountCommand};
 use ledger_e2e::services::{migrated_database, CommandApi};
+
+use crate::pipeline::wrk;
 use ledger_events::Amount;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
@@ -35,14 +37,19 @@ impl Run {
     }
 
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[index].as_secs_f64() * 1000.0
+        percentile(&self.latencies, p)
     }
+}
+
+/// The `p` quantile of `latencies`, in milliseconds (0 when there are none).
+pub fn percentile(latencies: &[Duration], p: f64) -> f64 {
+    if latencies.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = latencies.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
 }
 
 /// Runs `clients` loops of `op` for `seconds`, counting successes and latencies.
@@ -92,7 +99,7 @@ where
 }
 
 /// Opens `count` EUR accounts with 1,000,000 in each, straight into the store.
-async fn seed(url: &str, count: usize) -> Vec<Uuid> {
+pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
     let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
     let mut conn = PgConnection::connect(url).await.unwrap();
     for chunk in ids.chunks(1_000) {
@@ -197,6 +204,22 @@ pub async fn commands(accounts: usize, seconds: u64) {
         .unwrap();
     let plain = Arc::new(postgres_es::postgres_cqrs::<Account>(pool, vec![], ()));
 
+    // The HTTP load generator is wrk (as pgbench is the ceiling's): deposits of 1 into the
+    // same accounts in the same order as the peer.
+    let script =
+        std::env::temp_dir().join(format!("ledger-bench-deposits-{}.lua", std::process::id()));
+    let list = ids
+        .iter()
+        .map(|id| format!("\"{id}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::write(
+        &script,
+        format!(
+            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
+        ),
+    )
+    .unwrap();
     println!("accounts: {accounts}; {seconds} s per measure");
     println!(
         "{:<44} {:>8} {:>12} {:>9} {:>9} {:>8}",
@@ -229,22 +252,17 @@ pub async fn commands(accounts: usize, seconds: u64) {
         })
         .await;
         report("plain cqrs-es + postgres-es (peer)", clients, &baseline);
-        let (ids2, client2, base2) = (ids.clone(), client.clone(), base.clone());
-        let ledger = drive(clients, seconds, move |n| {
-            let (ids, client, base) = (ids2.clone(), client2.clone(), base2.clone());
-            async move {
-                let id = ids[n.wrapping_mul(7919) % ids.len()];
-                client
-                    .post(format!("{base}/v1/accounts/{id}/deposits"))
-                    .json(&json!({"amount": 1, "currency": "EUR"}))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            }
-        })
-        .await;
-        report("ledger-command over HTTP", clients, &ledger);
-        table.push((clients, ceiling, baseline.rate(), ledger.rate()));
+        let ledger = wrk(&base, "/", Some(&script), seconds, clients.min(2), clients);
+        println!(
+            "{:<44} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>8}",
+            "ledger-command over HTTP (wrk)",
+            clients,
+            ledger.rate,
+            ledger.p50,
+            ledger.p99,
+            ledger.errors
+        );
+        table.push((clients, ceiling, baseline.rate(), ledger.rate));
     }
     for (clients, ceiling, baseline, ledger) in &table {
         println!(
@@ -254,39 +272,66 @@ pub async fn commands(accounts: usize, seconds: u64) {
         );
     }
 
-    // Hot account: everyone on one account.
-    let hot = ids[0];
-    let before: i64 = balance(&mut conn, hot).await;
+    // Hot account: everyone on one account, which starts with 100; deposits of 1 and
+    // withdrawals of 2 alternate, so it runs dry and overdrafts are attempted all along.
+    let opened: serde_json::Value = client
+        .post(format!("{base}/v1/accounts"))
+        .json(&json!({"owner": "hot", "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hot = opened["account_id"].as_str().unwrap().to_owned();
+    let funded = client
+        .post(format!("{base}/v1/accounts/{hot}/deposits"))
+        .json(&json!({"amount": 100, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(funded.status().is_success());
     let conflicts_before = conflicts(&base).await;
-    let rejected = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (client2, base2, rejected2) = (client.clone(), base.clone(), rejected.clone());
-    let run = drive(32, seconds, move |_| {
-        let (client, base, rejected) = (client2.clone(), base2.clone(), rejected2.clone());
+    let counts = Arc::new([(); 4].map(|()| std::sync::atomic::AtomicU64::new(0)));
+    let (client2, base2, counts2, hot2) =
+        (client.clone(), base.clone(), counts.clone(), hot.clone());
+    let run = drive(32, seconds, move |n| {
+        let (client, base, counts, hot) = (
+            client2.clone(),
+            base2.clone(),
+            counts2.clone(),
+            hot2.clone(),
+        );
         async move {
+            let (path, amount, slot) = if n % 2 == 0 {
+                ("deposits", 1, 0)
+            } else {
+                ("withdrawals", 2, 1)
+            };
             let response = client
-                .post(format!("{base}/v1/accounts/{hot}/deposits"))
-                .json(&json!({"amount": 1, "currency": "EUR"}))
+                .post(format!("{base}/v1/accounts/{hot}/{path}"))
+                .json(&json!({"amount": amount, "currency": "EUR"}))
                 .send()
                 .await;
-            match response {
-                Ok(r) if r.status().is_success() => true,
-                Ok(r) if r.status() == 409 => {
-                    rejected.fetch_add(1, Ordering::Relaxed);
-                    false
-                }
-                _ => false,
-            }
+            let slot = match response {
+                Ok(r) if r.status().is_success() => slot,
+                Ok(r) if r.status() == 422 => 2,
+                Ok(r) if r.status() == 409 => 3,
+                _ => return false,
+            };
+            counts[slot].fetch_add(1, Ordering::Relaxed);
+            slot < 2
         }
     })
     .await;
-    let after = balance(&mut conn, hot).await;
     let retries = conflicts(&base).await - conflicts_before;
     report("hot account, ledger-command over HTTP", 32, &run);
-    let lost = i64::try_from(run.ok).unwrap() - (after - before);
+    let [deposits, withdrawals, refused, conflicted] =
+        [0, 1, 2, 3].map(|i| i64::try_from(counts[i].load(Ordering::Relaxed)).unwrap());
+    let (balance, lowest) = running_balance(&mut conn, &hot).await;
+    let lost = (100 + deposits - 2 * withdrawals) - balance;
     println!(
-        "hot account: {} accepted, {} answered 409, {retries:.0} version-conflict retries, lost updates {lost}; hot / 1-client rate = {:.2}",
-        run.ok,
-        rejected.load(Ordering::Relaxed),
+        "hot account: {deposits} deposits and {withdrawals} withdrawals accepted, {refused} refused (insufficient funds), {conflicted} answered 409, {retries:.0} version-conflict retries; lost updates {lost}; lowest balance {lowest} (overdraft if < 0); accepted / 1-client rate = {:.2}",
         run.rate() / table[0].3
     );
 }
@@ -303,13 +348,19 @@ fn report(name: &str, clients: usize, run: &Run) {
     );
 }
 
-/// An account's balance from its events (the truth).
-async fn balance(conn: &mut PgConnection, id: Uuid) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum((payload->>'amount')::bigint), 0)::bigint FROM events
-          WHERE aggregate_type = 'account' AND aggregate_id = $1 AND event_type = 'MoneyDeposited'",
+/// An account's balance from its events (the truth), and the lowest it ever was.
+async fn running_balance(conn: &mut PgConnection, id: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce((array_agg(running ORDER BY sequence DESC))[1], 0)::bigint,
+                coalesce(min(running), 0)::bigint
+           FROM (SELECT sequence,
+                        sum(CASE event_type WHEN 'MoneyDeposited' THEN (payload->>'amount')::bigint
+                                            WHEN 'MoneyWithdrawn' THEN -(payload->>'amount')::bigint
+                                            ELSE 0 END) OVER (ORDER BY sequence) AS running
+                   FROM events
+                  WHERE aggregate_type = 'account' AND aggregate_id = $1) balances",
     )
-    .bind(id.to_string())
+    .bind(id)
     .fetch_one(conn)
     .await
     .unwrap()

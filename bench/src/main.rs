@@ -9,6 +9,9 @@
 //!   ceiling of the same store (the same commit-safe reads, applying nothing).
 //! - `commands`: command throughput and latency at 1 and 32 clients beside a pgbench
 //!   single-row INSERT ceiling and plain cqrs-es, and a hot account (see `commands.rs`).
+//! - `visible`: command-to-visible latency in the query API under a steady command rate,
+//!   through relay, broker and projector (see `pipeline.rs`).
+//! - `reads`: the query API's cached reads beside its static route, same load generator.
 //! - `tail`: prints a topic's messages as a person reads them (key, headers, value), for
 //!   brokers that Debian's kcat cannot talk to (tansu).
 
@@ -71,6 +74,31 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Command-to-visible latency (command sent → query API answers with it) under a steady
+    /// command rate, through relay, broker and projector.
+    Visible {
+        /// Accounts the deposits are spread over.
+        #[arg(long, default_value_t = 1_000)]
+        accounts: usize,
+        /// Commands per second, sent open-loop.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Query API cached reads/s and p99 beside its static `/healthz`, same load generator.
+    Reads {
+        /// Accounts read (all cached).
+        #[arg(long, default_value_t = 1_000)]
+        accounts: usize,
+        /// Seconds per measure.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+    },
     /// Print every message of a topic: key and headers on one line, the value on the next.
     Tail {
         /// Bootstrap servers.
@@ -83,11 +111,22 @@ enum Bench {
 }
 
 mod commands;
+mod pipeline;
 
 #[tokio::main]
 async fn main() {
     match Cli::parse().bench {
         Bench::Commands { accounts, seconds } => commands::commands(accounts, seconds).await,
+        Bench::Visible {
+            accounts,
+            rate,
+            seconds,
+        } => pipeline::visible(accounts, rate, seconds).await,
+        Bench::Reads {
+            accounts,
+            seconds,
+            connections,
+        } => pipeline::reads(accounts, seconds, connections).await,
         Bench::Relay {
             accounts,
             events_per_account,

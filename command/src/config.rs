@@ -58,7 +58,7 @@ pub struct Settings {
 
     /// Writer tasks committing commands (group commit, ADR 0010); accounts are spread over
     /// them and each commits one batch at a time.
-    #[arg(long, env = "COMMAND_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "COMMAND_WRITERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub command_writers: u16,
 
     /// Most commands one writer commits in one statement.

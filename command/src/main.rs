@@ -6,6 +6,11 @@ use ledger_command::config::{Cli, Command};
 use ledger_command::startup::Application;
 use ledger_platform::{db, shutdown, telemetry};
 
+/// mimalloc: the request path allocates a lot of small, short-lived objects, which glibc's
+/// allocator served at a measured ~9% of the process's CPU (BENCHMARKS.md, profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = ledger_platform::config::parse_or_exit();

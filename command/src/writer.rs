@@ -13,8 +13,10 @@
 //! The cache is never trusted for what it cannot prove:
 //! - appends name the sequence numbers they build on, so a stale entry (another process
 //!   wrote the aggregate) hits the events' primary key and the whole statement fails; the
-//!   writer then forgets every aggregate of the batch and commits each command alone on
-//!   fresh state, so one stale entry costs its neighbours a round trip, never a wrong answer;
+//!   writer then forgets every aggregate of the batch, reloads them all (one query) and
+//!   decides the batch again; should that fail too (a race on fresh state), each command
+//!   is committed alone. A stale entry costs its neighbours a round trip, never a wrong
+//!   answer;
 //! - a refusal or a no-op decided on a cached entry is confirmed against the store's current
 //!   version first (one query for the batch), so a stale cache never refuses a command the
 //!   real state would accept.
@@ -53,7 +55,7 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> Self {
         Self {
-            writers: 2,
+            writers: 1,
             batch_max: 256,
             cache_capacity: 100_000,
             snapshot_every: 100,
@@ -285,19 +287,25 @@ where
         }
     }
 
-    /// Commits `jobs` together; when the batch fails on a conflict, commits each alone on
-    /// fresh state so that only the command that really lost is told so.
+    /// Commits `jobs` together. When the batch fails on a conflict, every aggregate in it
+    /// has been forgotten: it is decided again on fresh state (one load for all) and
+    /// committed once more; if that fails too, each command is committed alone, so that
+    /// only the command that really lost is told so.
     async fn commit(&self, jobs: Vec<Job<A>>) {
         metrics::histogram!("ledger_command_batch_size", "aggregate_type" => A::TYPE)
             .record(jobs.len() as f64);
-        match self.try_commit(&jobs).await {
+        let mut result = self.try_commit(&jobs).await;
+        if matches!(result, Err(Failure::Conflict)) && jobs.len() > 1 {
+            metrics::counter!("ledger_command_batch_conflicts_total", "aggregate_type" => A::TYPE)
+                .increment(1);
+            result = self.try_commit(&jobs).await;
+        }
+        match result {
             Ok(replies) => answer(jobs, replies),
             Err(Failure::Conflict) if jobs.len() > 1 => {
-                metrics::counter!("ledger_command_batch_conflicts_total", "aggregate_type" => A::TYPE)
-                    .increment(1);
                 tracing::debug!(
                     commands = jobs.len(),
-                    "batch hit a conflict; committing its commands one by one"
+                    "batch conflicted on fresh state; committing its commands one by one"
                 );
                 for job in jobs {
                     let jobs = vec![job];

@@ -330,8 +330,8 @@ impl AuthSettings {
 /// Middleware state: the auth and the scope the routes need.
 #[derive(Debug, Clone)]
 pub struct Guard {
-    /// The shared auth.
-    pub auth: Auth,
+    /// The shared auth (behind an `Arc`: the guard is cloned for every request).
+    pub auth: Arc<Auth>,
     /// The scope every route behind the guard needs.
     pub scope: Scope,
 }

@@ -59,7 +59,7 @@ pub fn router(pool: PgPool, auth: Auth, batch_size: i64) -> Router {
         batch_size,
     };
     let guard = Guard {
-        auth,
+        auth: std::sync::Arc::new(auth),
         scope: Scope::Admin,
     };
     Router::new()

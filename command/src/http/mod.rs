@@ -45,7 +45,7 @@ pub struct Limits {
 pub fn router(state: AppState, limits: Limits) -> Router {
     let pool = state.ledger.pool().clone();
     let guard = Guard {
-        auth: state.auth.clone(),
+        auth: std::sync::Arc::new(state.auth.clone()),
         scope: Scope::Write,
     };
     Router::new()

@@ -37,7 +37,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let pool = state.pool.clone();
     let changes = state.changes.clone();
     let guard = Guard {
-        auth: state.auth.clone(),
+        auth: std::sync::Arc::new(state.auth.clone()),
         scope: Scope::Read,
     };
     Router::new()
