@@ -86,6 +86,9 @@ enum Bench {
         /// Seconds of load.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// The projector reads the store's log instead of the broker.
+        #[arg(long)]
+        from_store: bool,
     },
     /// Query API cached reads/s and p99 beside its static `/healthz`, same load generator.
     Reads {
@@ -121,7 +124,8 @@ async fn main() {
             accounts,
             rate,
             seconds,
-        } => pipeline::visible(accounts, rate, seconds).await,
+            from_store,
+        } => pipeline::visible(accounts, rate, seconds, from_store).await,
         Bench::Reads {
             accounts,
             seconds,

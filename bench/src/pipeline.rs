@@ -22,13 +22,16 @@ use tokio::sync::Mutex;
 use crate::commands::{percentile, seed};
 
 /// Item 3: command to visible in the query API under a steady `rate` commands/s.
-pub async fn visible(accounts: usize, rate: u64, seconds: u64) {
+pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) {
     let url = migrated_database().await;
     let ids = Arc::new(seed(&url, accounts).await);
     let broker = Broker::start().await;
     let open = [("AUTH_MODE", "disabled"), ("RUST_LOG", "warn")];
     let _relay = Relay::start(&url, &broker.address, &open).await;
-    let _projector = Projector::start(&url, Some(&broker.address), &open).await;
+    // The projector follows the broker (the design), or the store's log (`--from-store`,
+    // to tell the broker's share of the latency from the projector's).
+    let source = (!store).then_some(broker.address.as_str());
+    let _projector = Projector::start(&url, source, &open).await;
     let query = QueryApi::start(
         &url,
         &[
@@ -99,7 +102,14 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64) {
     let samples = samples.lock().await;
     let acknowledged: Vec<Duration> = samples.iter().map(|s| s.0).collect();
     let visible: Vec<Duration> = samples.iter().map(|s| s.1).collect();
-    println!("accounts: {accounts}; target rate {rate} commands/s for {seconds} s");
+    println!(
+        "accounts: {accounts}; target rate {rate} commands/s for {seconds} s; projector reads {}",
+        if store {
+            "the store's log"
+        } else {
+            "the broker"
+        }
+    );
     println!(
         "sent {n} commands in {sent_for:.1} s ({:.0}/s); {} visible, {} failed",
         n as f64 / sent_for,
