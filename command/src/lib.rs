@@ -6,7 +6,8 @@
 //! - [`domain`]: the account aggregate (cqrs-es): commands in, events or a rule broken out.
 //! - [`store`]: the postgres-es event repository (with its snapshot race made safe) and the
 //!   global position lookup.
-//! - [`ledger`]: executes one intent: load, decide, append; retries version conflicts.
+//! - [`ledger`]: executes one intent through its writer; retries lost version races.
+//! - [`writer`]: group commit with aggregates kept in memory (ADR 0010).
 //! - [`idempotency`]: the `idempotency_keys` table and request fingerprints.
 //! - [`http`]: the axum routes, the `ApiError` → problem+json mapping, request headers.
 //! - [`startup`]: [`startup::Application`], which `main` and the tests both start.
@@ -15,9 +16,11 @@
 //!
 //! `POST /v1/accounts/{id}/deposits` → [`http::accounts`] validates the body (400/415/413
 //! before anything else) → looks up the `Idempotency-Key` (replay or 422) →
-//! [`ledger::Ledger::execute`] loads the account (snapshot + later events), lets
-//! [`domain::Account::decide`] produce events (or a 404/422 refusal), and commits them
-//! in one PostgreSQL transaction; the key is claimed in that same transaction by a trigger.
+//! [`ledger::Ledger::execute`] hands the command to the account's writer ([`writer`]),
+//! which decides it with [`domain::Account::decide`] on the account's state (kept in memory,
+//! checked against the store) together with the commands queued beside it, and appends all
+//! their events in one statement (group commit); a 404/422 refusal writes nothing. The key
+//! is claimed in that same transaction by a trigger.
 //! Only after the commit does the client get its 2xx, carrying the account's new state and
 //! the global position of the last event.
 

@@ -6,8 +6,8 @@ use ledger_command::config::{Cli, Command};
 use ledger_command::startup::Application;
 use ledger_platform::{db, shutdown, telemetry};
 
-/// mimalloc: the request path allocates a lot of small, short-lived objects, which glibc's
-/// allocator served at a measured ~9% of the process's CPU (BENCHMARKS.md, profile).
+/// mimalloc: the request path allocates many small, short-lived objects; under load glibc's
+/// allocator took about a fifth of the command API's CPU samples (BENCHMARKS.md, profile).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
