@@ -274,23 +274,8 @@ pub async fn commands(accounts: usize, seconds: u64) {
 
     // Hot account: everyone on one account, which starts with 100; deposits of 1 and
     // withdrawals of 2 alternate, so it runs dry and overdrafts are attempted all along.
-    let opened: serde_json::Value = client
-        .post(format!("{base}/v1/accounts"))
-        .json(&json!({"owner": "hot", "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let hot = opened["account_id"].as_str().unwrap().to_owned();
-    let funded = client
-        .post(format!("{base}/v1/accounts/{hot}/deposits"))
-        .json(&json!({"amount": 100, "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(funded.status().is_success());
+    let hot = command.open_account().await;
+    command.deposit(&hot, 100).await;
     let conflicts_before = conflicts(&base).await;
     let counts = Arc::new([(); 4].map(|()| std::sync::atomic::AtomicU64::new(0)));
     let (client2, base2, counts2, hot2) =

@@ -2,24 +2,6 @@
 
 use sqlx::PgPool;
 
-/// The global position of one stored event.
-pub async fn global_position(
-    pool: &PgPool,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    sequence: i64,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT global_position FROM events
-          WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-    )
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .bind(sequence)
-    .fetch_optional(pool)
-    .await
-}
-
 /// Whether the event at `sequence` was appended by the command attempt `command_id`.
 pub async fn appended_by(
     pool: &PgPool,

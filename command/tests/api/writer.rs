@@ -4,7 +4,12 @@
 use std::collections::HashSet;
 
 use futures::future::join_all;
+use ledger_command::domain::AccountCommand;
+use ledger_command::ledger::{Intent, Ledger, LedgerError, RetryPolicy};
+use ledger_events::{Amount, Metadata};
+use sqlx::Connection;
 
+use crate::durability::{hold_next_sequence, wait_for_lock_waiter};
 use crate::helpers::{spawn_app, spawn_app_on};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,4 +125,53 @@ async fn a_command_the_stale_cache_would_accept_is_decided_on_the_current_state(
         .close(id, None)
         .await
         .assert_problem(422, "balance_not_zero");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_under_one_key_never_share_a_batch() {
+    // The key trigger lets a transaction add events under a key it claimed itself, so two
+    // first-time duplicates committed in one batch would both be appended.
+    let app = spawn_app().await;
+    let (blocker, target) = (app.new_account().await, app.new_account().await);
+    let ledger: std::sync::Arc<Ledger> =
+        std::sync::Arc::new(Ledger::new(app.pool.clone(), 100, RetryPolicy::default()));
+    let deposit = |account, key: Option<&str>| Intent {
+        aggregate_id: account,
+        command: AccountCommand::Deposit {
+            amount: Amount::new(250).unwrap(),
+            currency: "EUR".parse().unwrap(),
+            reference: None,
+        },
+        metadata: Metadata {
+            idempotency_key: key.map(str::to_owned),
+            ..Metadata::default()
+        },
+    };
+    // Keep the writer busy: its statement waits on a rival holding the blocker's version 2.
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocker, 2).await;
+    let busy = {
+        let (ledger, intent) = (ledger.clone(), deposit(blocker, None));
+        tokio::spawn(async move { ledger.execute(intent).await })
+    };
+    wait_for_lock_waiter(&app.pool).await;
+    // One poll queues all twenty behind the blocked statement (a submit enqueues before it
+    // waits); then the rival gives way and they are taken together.
+    let mut duplicates = Box::pin(join_all(
+        (0..20).map(|_| ledger.execute(deposit(target, Some("one-batch")))),
+    ));
+    assert!(futures::poll!(&mut duplicates).is_pending());
+    tx.rollback().await.unwrap();
+    let duplicates = duplicates.await;
+    busy.await.unwrap().unwrap();
+    let appended = duplicates.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(appended, 1, "{duplicates:?}");
+    for refused in duplicates.iter().filter(|r| r.is_err()) {
+        assert!(matches!(refused, Err(LedgerError::KeyTaken)), "{refused:?}");
+    }
+    assert_eq!(app.balance_from_events(target).await, 250);
+    assert_eq!(app.events_of(target).await.len(), 2);
 }
