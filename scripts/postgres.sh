@@ -8,23 +8,31 @@ PGPORT_NUM=${PGPORT_NUM:-5432}
 
 pg_up() { pg_isready -q -h "$PGHOST_ADDR" -p "$PGPORT_NUM" 2>/dev/null; }
 
+# The newest installed server's bin directory (the Debian layout), or nothing.
+pg_server_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | while read -r d; do [ -x "$d/postgres" ] && echo "$d"; done | tail -n 1; }
+
+# Makes sure a server answers on $PGHOST_ADDR:$PGPORT_NUM. A machine may have only the client
+# tools (pg_isready, psql): then the server is installed from Debian's packages. An installed
+# server with no cluster gets one; a stopped cluster is started.
 ensure_postgres() {
-  if ! command -v pg_isready >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_isready >/dev/null 2>&1; then
-    log "PostgreSQL is not installed: installing it from Debian's packages"
+  if pg_up; then return 0; fi
+  if [ -z "$(pg_server_bin)" ]; then
+    log "no PostgreSQL server installed: installing it from Debian's packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq postgresql postgresql-client >/dev/null
   fi
-  if ! command -v pg_isready >/dev/null 2>&1; then
-    PATH="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1):$PATH"
-    export PATH
-  fi
+  local bin version
+  bin=$(pg_server_bin)
+  [ -n "$bin" ] || { log "PostgreSQL server binaries not found after installing"; exit 1; }
+  version=$(basename "$(dirname "$bin")")
+  command -v pg_isready >/dev/null 2>&1 || { PATH="$bin:$PATH"; export PATH; }
   if ! pg_up; then
-    log "PostgreSQL is not running: starting it"
-    local version
-    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
-    if [ -n "$version" ] && command -v pg_ctlcluster >/dev/null 2>&1; then
-      pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    log "PostgreSQL $version is not running: starting it"
+    if [ ! -f "/etc/postgresql/$version/main/postgresql.conf" ]; then
+      log "creating cluster $version/main"
+      pg_createcluster "$version" main >/dev/null
     fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   fi
   for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
   pg_up || { log "PostgreSQL did not come up on $PGHOST_ADDR:$PGPORT_NUM"; exit 1; }

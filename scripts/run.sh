@@ -5,8 +5,11 @@
 #   - the query API on http://127.0.0.1:8083,
 #   - the command API on http://127.0.0.1:8080 (in the foreground; Ctrl-C stops everything).
 # Without KAFKA_BROKERS the projector reads the event store directly, so PostgreSQL is all
-# it needs. With KAFKA_BROKERS=host:port the relay publishes every event to that broker and
-# the projector consumes it there. Settings come from the environment (README.md).
+# it needs. With KAFKA_BROKERS=host:port the relay publishes every event to that existing
+# cluster and the projector consumes it there. With KAFKA=local it starts a local Apache
+# Kafka broker first (scripts/kafka.sh, data kept in ~/.local/ledger-kafka between runs, on
+# 127.0.0.1:9092 unless KAFKA_PORT says otherwise) and uses that. Settings come from the
+# environment (README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/postgres.sh
@@ -14,6 +17,14 @@ cd "$(dirname "$0")/.."
 
 ensure_postgres
 ADMIN_URL=$(admin_url)
+if [ "${KAFKA:-}" = local ] && [ -z "${KAFKA_BROKERS:-}" ]; then
+  # shellcheck source=scripts/kafka.sh
+  . scripts/kafka.sh
+  KAFKA_DATA=${KAFKA_DATA:-$HOME/.local/ledger-kafka}
+  KAFKA_BROKERS=$(kafka_start "$KAFKA_DATA" keep "${KAFKA_PORT:-9092}" "${KAFKA_CONTROLLER_PORT:-9093}")
+  export KAFKA_BROKERS
+  log "local Kafka broker at $KAFKA_BROKERS (stop it with: scripts/kafka.sh stop $KAFKA_DATA)"
+fi
 if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledger'")" != "1" ]; then
   log "creating database ledger"
   psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger' >/dev/null

@@ -2,8 +2,10 @@
 # Runs every test of the ledger on this machine, setting up what the tests need first:
 #   1. PostgreSQL on 127.0.0.1:5432 (installed from Debian's packages and started if missing),
 #   2. a `ledger_test` database with every migration applied (through `ledger-command migrate`),
-#   3. the tansu Kafka-protocol broker, installed once per machine under ~/.local/tansu (the
-#      end-to-end tests start one broker per test on a free loopback port and stop it after),
+#   3. Apache Kafka (scripts/kafka.sh: installed once per machine under ~/.local/kafka from
+#      Maven Central, with Java, Maven and kcat from Debian's packages when missing), one
+#      single-node broker for the whole run on free loopback ports; each test keeps to its own
+#      topic and consumer groups, and a test that stops the broker starts one of its own,
 #   4. the workspace binaries (the end-to-end tests start them as processes),
 # then runs the whole test suite (cargo-nextest when installed, cargo test otherwise) and,
 # when no filter is given, schemathesis against both HTTP APIs (scripts/schemathesis.sh).
@@ -15,14 +17,20 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/postgres.sh
 . scripts/postgres.sh
-# shellcheck source=scripts/broker.sh
-. scripts/broker.sh
+# shellcheck source=scripts/kafka.sh
+. scripts/kafka.sh
 
 ensure_postgres
 ADMIN_URL=$(admin_url)
 BASE_URL=${ADMIN_URL%/*}
 drop_test_databases "$ADMIN_URL"
-trap 'drop_test_databases "$ADMIN_URL"' EXIT
+KAFKA_DIR=$(mktemp -d -t ledger-kafka.XXXXXX)
+cleanup() {
+  kafka_stop "$KAFKA_DIR"
+  rm -rf "$KAFKA_DIR"
+  drop_test_databases "$ADMIN_URL"
+}
+trap cleanup EXIT
 
 # A scratch database, made afresh each run (so no migration from another checkout lingers).
 log "creating database ledger_test"
@@ -30,7 +38,11 @@ psql "$ADMIN_URL" -qc 'DROP DATABASE IF EXISTS ledger_test WITH (FORCE)' >/dev/n
 psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_test' >/dev/null
 export DATABASE_URL="$BASE_URL/ledger_test"
 
-ensure_tansu
+ensure_kafka
+log "starting the run's Kafka broker (log: $KAFKA_DIR/broker.log)"
+LEDGER_TEST_KAFKA=$(kafka_start "$KAFKA_DIR")
+export LEDGER_TEST_KAFKA LEDGER_TEST_KAFKA_LOG="$KAFKA_DIR/broker.log"
+log "Kafka broker at $LEDGER_TEST_KAFKA"
 
 log "building the workspace binaries"
 cargo build --workspace --bins --locked

@@ -12,8 +12,6 @@
 //! - `visible`: command-to-visible latency in the query API under a steady command rate,
 //!   through relay, broker and projector (see `pipeline.rs`).
 //! - `reads`: the query API's cached reads beside its static route, same load generator.
-//! - `tail`: prints a topic's messages as a person reads them (key, headers, value), for
-//!   brokers that Debian's kcat cannot talk to (tansu).
 
 // A command-line report: printing is its output.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
@@ -89,6 +87,17 @@ enum Bench {
         /// The projector reads the store's log instead of the broker.
         #[arg(long)]
         from_store: bool,
+        /// Measure both, from the store's log first, then through the broker, and print
+        /// what the broker hop adds.
+        #[arg(long, conflicts_with = "from_store")]
+        compare: bool,
+    },
+    /// A projector killed with SIGKILL and restarted: seconds until it has its partitions
+    /// back and applies new events, with dynamic and with static group membership.
+    Rejoin {
+        /// Kills per membership mode.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Query API cached reads/s and p99 beside its static `/healthz`, same load generator.
     Reads {
@@ -101,15 +110,6 @@ enum Bench {
         /// Concurrent connections.
         #[arg(long, default_value_t = 64)]
         connections: usize,
-    },
-    /// Print every message of a topic: key and headers on one line, the value on the next.
-    Tail {
-        /// Bootstrap servers.
-        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// The topic.
-        #[arg(long, env = "KAFKA_TOPIC", default_value = "ledger.events")]
-        topic: String,
     },
 }
 
@@ -125,7 +125,24 @@ async fn main() {
             rate,
             seconds,
             from_store,
-        } => pipeline::visible(accounts, rate, seconds, from_store).await,
+            compare,
+        } => {
+            if compare {
+                let (store_p50, store_p99) = pipeline::visible(accounts, rate, seconds, true).await;
+                println!();
+                let (broker_p50, broker_p99) =
+                    pipeline::visible(accounts, rate, seconds, false).await;
+                println!();
+                println!(
+                    "the broker hop adds {:.2} ms at p50 and {:.2} ms at p99",
+                    broker_p50 - store_p50,
+                    broker_p99 - store_p99
+                );
+            } else {
+                pipeline::visible(accounts, rate, seconds, from_store).await;
+            }
+        }
+        Bench::Rejoin { rounds } => pipeline::rejoin(rounds).await,
         Bench::Reads {
             accounts,
             seconds,
@@ -142,7 +159,6 @@ async fn main() {
             projection,
             batch_size,
         } => rebuild(accounts, events_per_account, &projection, batch_size).await,
-        Bench::Tail { brokers, topic } => tail(&brokers, &topic),
     }
 }
 
@@ -168,10 +184,13 @@ async fn seed(url: &str, accounts: i64, per_account: i64) -> i64 {
 }
 
 async fn relay(accounts: i64, per_account: i64, partitions: i32) {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let total = seed(&url, accounts, per_account).await;
-    println!("relay benchmark: {total} events over {accounts} accounts, {partitions} partitions, broker tansu 0.6 (sqlite)");
+    println!(
+        "relay benchmark: {total} events over {accounts} accounts, {partitions} partitions, broker Apache Kafka {} (single node, scripts/kafka.sh)",
+        std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "?".into())
+    );
 
     // Ceiling: the same messages, read into memory first, produced by the relay's own
     // producer code, in the relay's batch size.
@@ -346,31 +365,6 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
         "rebuild / ceiling = {:.2}",
         ceiling.as_secs_f64() / rebuilt.as_secs_f64()
     );
-}
-
-fn tail(brokers: &str, topic: &str) {
-    let messages = ledger_e2e::kafka::read_available(
-        brokers,
-        topic,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    );
-    for message in messages {
-        let mut headers: Vec<String> = message
-            .headers
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        headers.sort();
-        println!(
-            "{}/{} {} {}\n{}\n",
-            message.partition,
-            message.offset,
-            message.key,
-            headers.join(","),
-            message.value
-        );
-    }
 }
 
 fn nix_sigterm() -> ledger_e2e::process::Signal {

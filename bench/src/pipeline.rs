@@ -1,6 +1,6 @@
 //! `ledger-bench visible` and `ledger-bench reads` (issue 8, items 3 and 5).
 //!
-//! - `visible`: every process running (command API, relay, tansu broker, projector, query
+//! - `visible`: every process running (command API, relay, Kafka broker, projector, query
 //!   API). Deposits are sent open-loop at a steady rate; each one's answer carries its
 //!   position, and the same client then reads the account from the query API with that
 //!   position, which answers once the read model has it. Command-to-visible is the time
@@ -21,11 +21,12 @@ use tokio::sync::Mutex;
 
 use crate::commands::{percentile, seed};
 
-/// Item 3: command to visible in the query API under a steady `rate` commands/s.
-pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) {
+/// Item 3: command to visible in the query API under a steady `rate` commands/s. Returns
+/// p50 and p99 of command-to-visible, in ms.
+pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (f64, f64) {
     let url = migrated_database().await;
     let ids = Arc::new(seed(&url, accounts).await);
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let open = [("AUTH_MODE", "disabled"), ("RUST_LOG", "warn")];
     let _relay = Relay::start(&url, &broker.address, &open).await;
     // The projector follows the broker (the design), or the store's log (`--from-store`,
@@ -128,6 +129,72 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) {
         percentile(&visible, 1.0)
     );
     drop(broker);
+    (percentile(&visible, 0.5), percentile(&visible, 0.99))
+}
+
+/// How fast a projector killed with SIGKILL and started again gets its partitions back:
+/// from the restart to the moment a deposit into each of 30 accounts (spread over 3
+/// partitions) made right after it is in the read model, with dynamic and with static group
+/// membership (`KAFKA_GROUP_INSTANCE_ID`), `rounds` kills each.
+pub async fn rejoin(rounds: usize) {
+    use ledger_e2e::process::Signal;
+    println!("kill -9 and restart of the projector, {rounds} rounds per mode; session timeout 10 s (default)");
+    println!(
+        "{:<48} {:>9} {:>9} {:>9}",
+        "membership", "min s", "median s", "max s"
+    );
+    for (name, env) in [
+        (
+            "dynamic (no KAFKA_GROUP_INSTANCE_ID)",
+            vec![("RUST_LOG", "warn")],
+        ),
+        (
+            "static (KAFKA_GROUP_INSTANCE_ID=bench-1)",
+            vec![("RUST_LOG", "warn"), ("KAFKA_GROUP_INSTANCE_ID", "bench-1")],
+        ),
+    ] {
+        let url = migrated_database().await;
+        let broker = Broker::shared().await;
+        let open = [("AUTH_MODE", "disabled"), ("RUST_LOG", "warn")];
+        let relay = Relay::start(
+            &url,
+            &broker.address,
+            &[
+                ("AUTH_MODE", "disabled"),
+                ("RUST_LOG", "warn"),
+                ("KAFKA_TOPIC_PARTITIONS", "3"),
+            ],
+        )
+        .await;
+        relay
+            .wait_status("leader", Duration::from_secs(60), |s| s["leader"] == true)
+            .await;
+        let command = CommandApi::start_with(&url, &open).await;
+        let ids: Vec<String> = seed(&url, 30)
+            .await
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let mut projector = Projector::start(&url, Some(&broker.address), &env).await;
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            wait_until_projected(&url, Duration::from_secs(120)).await;
+            projector.process.signal(Signal::SIGKILL);
+            projector.process.exit_code(Duration::from_secs(10)).await;
+            let started = Instant::now();
+            projector = Projector::start(&url, Some(&broker.address), &env).await;
+            futures::future::join_all(ids.iter().map(|id| command.deposit(id, 1))).await;
+            wait_until_projected(&url, Duration::from_secs(120)).await;
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "{name:<48} {:>9.2} {:>9.2} {:>9.2}",
+            times[0].as_secs_f64(),
+            times[times.len() / 2].as_secs_f64(),
+            times[times.len() - 1].as_secs_f64()
+        );
+    }
 }
 
 /// Item 5: cached account reads beside the static `/healthz`, same load generator.

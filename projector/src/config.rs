@@ -37,6 +37,20 @@ pub struct Settings {
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub kafka_session_timeout: Duration,
 
+    /// Static group membership (`group.instance.id`): a stable name for this replica, unique
+    /// within its group (e.g. the pod or container name). A replica restarted under the same
+    /// name gets its partitions back at once, without a rebalance, instead of after the
+    /// session timeout. Unset: dynamic membership. The process manager's consumer uses the
+    /// same name in its own group.
+    #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub kafka_group_instance_id: Option<String>,
+
+    /// A consumer that has received nothing for this long while its group has events
+    /// waiting and makes no progress on them is stalled: `/readyz` answers 503, the metric
+    /// `ledger_projector_consumer_stalled` is 1, and it leaves and rejoins its group.
+    #[arg(long, env = "KAFKA_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub kafka_stall_timeout: Duration,
+
     /// Partitions are applied by this many workers concurrently (a partition always by the
     /// same worker, in order).
     #[arg(long, env = "PROJECTOR_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]

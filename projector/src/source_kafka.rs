@@ -16,6 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -24,13 +25,15 @@ use crate::config::Settings;
 use crate::status::SharedStatus;
 
 /// The consumer for `settings` in consumer group `group`: offsets stored by the workers
-/// after their commits, committed by the client every second.
+/// after their commits, committed by the client every second (ADR 0011 gives the reasons for
+/// each setting, with measurements).
 pub fn consumer(
     settings: &Settings,
     brokers: &str,
     group: &str,
 ) -> Result<StreamConsumer, KafkaError> {
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("client.id", "ledger-projector")
@@ -38,18 +41,16 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // A fetch the broker holds open when it has nothing new: short, because tansu
-        // answers a held fetch only when this expires, not when data arrives (with the 500 ms
-        // default the command-to-visible benchmark measured seconds; Kafka answers early
-        // either way, so the only cost is idle fetches).
-        .set("fetch.wait.max.ms", "10")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .set(
             "session.timeout.ms",
             settings.kafka_session_timeout.as_millis().to_string(),
         )
-        .set("heartbeat.interval.ms", "1000")
-        .create()
+        .set("heartbeat.interval.ms", "1000");
+    if let Some(instance) = &settings.kafka_group_instance_id {
+        config.set("group.instance.id", instance);
+    }
+    config.create()
 }
 
 /// Runs until `stop` turns true; then lets the workers finish, commits offsets and leaves
@@ -78,13 +79,24 @@ pub async fn run<H: BatchHandler>(
             status.clone(),
         )));
     }
+    let mut watchdog = Watchdog::new(settings.kafka_stall_timeout);
+    let mut tick = tokio::time::interval(watchdog.check_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => break,
-            message = consumer.recv() => message,
+            _ = tick.tick() => None,
+            message = consumer.recv() => Some(message),
+        };
+        let Some(message) = message else {
+            watchdog
+                .check(&consumer, &settings.kafka_topic, &status)
+                .await;
+            continue;
         };
         match message {
             Ok(message) => {
+                watchdog.received(&status);
                 let worker = usize::try_from(message.partition()).unwrap_or(0) % workers;
                 let incoming = to_incoming(&message);
                 if senders[worker].send(incoming).await.is_err() {
@@ -113,6 +125,115 @@ pub async fn run<H: BatchHandler>(
     consumer.unsubscribe();
     tracing::info!("consumer stopped");
     Ok(())
+}
+
+/// Finds a consumer that receives nothing while its group has events waiting and nobody in
+/// the group moves them on (e.g. it sits in the group assigned nothing, or a member holding
+/// the partitions does no work), says so (`/readyz`, the metric, a log line) and makes it
+/// leave and rejoin the group.
+struct Watchdog {
+    timeout: Duration,
+    last_received: std::time::Instant,
+    /// The group's committed offsets summed over the topic's partitions, and since when.
+    committed: Option<(i64, std::time::Instant)>,
+}
+
+impl Watchdog {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            last_received: std::time::Instant::now(),
+            committed: None,
+        }
+    }
+
+    fn check_every(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
+    }
+
+    fn received(&mut self, status: &SharedStatus) {
+        self.last_received = std::time::Instant::now();
+        crate::status::unstalled(status);
+    }
+
+    async fn check(&mut self, consumer: &Arc<StreamConsumer>, topic: &str, status: &SharedStatus) {
+        let probe = consumer.clone();
+        let name = topic.to_owned();
+        let Ok(Some(progress)) =
+            tokio::task::spawn_blocking(move || group_progress(&probe, &name)).await
+        else {
+            return; // The broker did not answer: the consumer's own errors say so.
+        };
+        let now = std::time::Instant::now();
+        let moved =
+            !matches!(self.committed, Some((committed, _)) if committed == progress.committed);
+        if moved {
+            self.committed = Some((progress.committed, now));
+        }
+        let since_progress = self.committed.map_or(Duration::ZERO, |(_, at)| now - at);
+        let idle = now - self.last_received;
+        if progress.lag > 0 && idle >= self.timeout && since_progress >= self.timeout {
+            let reason = format!(
+                "received nothing for {}s while the group has {} events waiting and committed none of them for {}s; assigned partitions: {}; leaving and rejoining the group",
+                idle.as_secs(),
+                progress.lag,
+                since_progress.as_secs(),
+                progress.assigned
+            );
+            tracing::warn!(
+                lag = progress.lag,
+                assigned = progress.assigned,
+                "consumer stalled: {reason}"
+            );
+            crate::status::stalled(status, &reason);
+            consumer.unsubscribe();
+            if let Err(err) = consumer.subscribe(&[topic]) {
+                tracing::warn!(error = %err, "cannot subscribe again");
+            }
+            // Give the rejoin a full period before judging again.
+            self.last_received = now;
+            self.committed = Some((progress.committed, now));
+        }
+    }
+}
+
+/// The group's position on the topic: events waiting (high watermarks minus committed
+/// offsets, the low watermark where nothing is committed) and the committed offsets' sum.
+struct GroupProgress {
+    lag: i64,
+    committed: i64,
+    assigned: usize,
+}
+
+fn group_progress(consumer: &StreamConsumer, topic: &str) -> Option<GroupProgress> {
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let mut partitions = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        partitions.add_partition(topic, partition.id());
+    }
+    if partitions.count() == 0 {
+        return None;
+    }
+    let committed = consumer.committed_offsets(partitions, timeout).ok()?;
+    let (mut lag, mut sum) = (0i64, 0i64);
+    for element in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, element.partition(), timeout)
+            .ok()?;
+        let next = match element.offset() {
+            Offset::Offset(offset) => offset.max(low),
+            _ => low,
+        };
+        lag += (high - next).max(0);
+        sum += next;
+    }
+    let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+    Some(GroupProgress {
+        lag,
+        committed: sum,
+        assigned,
+    })
 }
 
 /// A worker: applies its partitions' messages in batches, storing offsets after commits.

@@ -33,6 +33,11 @@ pub struct Counters {
     pub repaired: u64,
     /// The last error, cleared by the next successful batch.
     pub last_error: Option<String>,
+    /// Why the Kafka consumer is judged stalled (it receives nothing while its group's
+    /// events wait), cleared by the next message received.
+    pub stalled: Option<String>,
+    /// Times the consumer left and rejoined its group because it was stalled.
+    pub rejoins: u64,
 }
 
 /// Shared counters.
@@ -47,6 +52,24 @@ pub fn applied(status: &SharedStatus, received: usize, applied: Applied) {
         s.dead_letters += applied.dead_letters;
         s.repaired += applied.repaired;
         s.last_error = None;
+    }
+}
+
+/// Records that the consumer is stalled and rejoins its group.
+pub fn stalled(status: &SharedStatus, reason: &str) {
+    if let Ok(mut s) = status.lock() {
+        s.stalled = Some(reason.to_owned());
+        s.rejoins += 1;
+    }
+}
+
+/// Clears the stalled mark (a message came).
+pub fn unstalled(status: &SharedStatus) {
+    if let Ok(mut s) = status.lock() {
+        if s.stalled.is_some() {
+            tracing::info!("consumer receives again");
+            s.stalled = None;
+        }
     }
 }
 
@@ -117,6 +140,23 @@ async fn refresh_metrics(state: StatusState) {
         metrics::gauge!("ledger_projector_partition_lag_events", "partition" => id)
             .set(number(&partition["lag_events"]));
     }
+    for (consumer, counters) in [
+        ("projector", &status["process"]),
+        (
+            crate::transfers::PROCESS_MANAGER,
+            &status["transfer_process_manager"]["counters"],
+        ),
+    ] {
+        metrics::gauge!("ledger_projector_consumer_stalled", "consumer" => consumer).set(
+            if counters["stalled"].is_string() {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        metrics::counter!("ledger_projector_consumer_rejoins_total", "consumer" => consumer)
+            .absolute(counters["rejoins"].as_u64().unwrap_or(0));
+    }
     metrics::counter!("ledger_projector_applied_total")
         .absolute(status["process"]["applied"].as_u64().unwrap_or(0));
     metrics::counter!("ledger_transfers_reactions_total").absolute(
@@ -142,10 +182,21 @@ async fn ready(State(state): State<StatusState>) -> Result<Json<Value>, Problem>
             .unwrap_or(false)
         }
     };
+    let stalled = |counters: &SharedStatus| counters.lock().ok().and_then(|c| c.stalled.clone());
+    let consumer = stalled(&state.counters);
+    let process_manager = stalled(&state.process_manager);
     let checks = json!({
         "postgres": if postgres { "ok" } else { "down" },
         "broker": if state.kafka.is_none() { "not configured" } else if broker { "ok" } else { "down" },
+        "consumer": consumer.as_deref().map_or("ok", |_| "stalled"),
+        "transfer_process_manager": process_manager.as_deref().map_or("ok", |_| "stalled"),
     });
+    if let Some(reason) = consumer.or(process_manager) {
+        return Err(
+            Problem::unavailable(format!("the Kafka consumer is stalled: {reason}"))
+                .with("checks", checks),
+        );
+    }
     if postgres && broker {
         Ok(Json(json!({"status": "ready", "checks": checks})))
     } else {

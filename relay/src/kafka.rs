@@ -46,7 +46,9 @@ pub fn producer(settings: &Settings) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
-/// Creates the topic unless it exists (brokers such as tansu do not auto-create topics).
+/// Creates the topic unless it exists, with the configured partitions and replication
+/// (brokers should not auto-create it: compose turns that off, and an auto-created topic
+/// would get the broker's default partition count).
 pub async fn ensure_topic(settings: &Settings) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &settings.kafka_brokers)

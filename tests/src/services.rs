@@ -104,16 +104,39 @@ pub struct Relay {
     pub base: String,
 }
 
-/// The topic every test relay publishes to (each test has its own broker).
-pub const TOPIC: &str = "ledger.events";
+/// The name that keeps one test's Kafka topic and consumer groups apart from the others' on
+/// the shared broker: the test's database name (each test has a database of its own).
+fn test_name(database_url: &str) -> &str {
+    database_url
+        .rsplit('/')
+        .next()
+        .and_then(|name| name.split('?').next())
+        .unwrap_or("ledger")
+}
+
+/// The topic the test's relay publishes to and its projectors consume.
+pub fn topic(database_url: &str) -> String {
+    format!("ledger.events.{}", test_name(database_url))
+}
+
+/// The test's projector consumer group (`KAFKA_GROUP_ID`).
+pub fn projector_group(database_url: &str) -> String {
+    format!("ledger-projector.{}", test_name(database_url))
+}
+
+/// The test's transfer process manager consumer group (`TRANSFERS_GROUP_ID`).
+pub fn transfers_group(database_url: &str) -> String {
+    format!("ledger-transfers.{}", test_name(database_url))
+}
 
 impl Relay {
     /// Starts `ledger-relay` with test settings plus `extra` environment.
     pub async fn start(database_url: &str, brokers: &str, extra: &[(&str, &str)]) -> Self {
+        let topic = topic(database_url);
         let env = [
             ("DATABASE_URL", database_url),
             ("KAFKA_BROKERS", brokers),
-            ("KAFKA_TOPIC", TOPIC),
+            ("KAFKA_TOPIC", topic.as_str()),
             ("RELAY_POLL_INTERVAL", "100ms"),
             ("RELAY_STANDBY_INTERVAL", "200ms"),
             ("KAFKA_MESSAGE_TIMEOUT", "5s"),
@@ -166,9 +189,16 @@ impl Projector {
     /// Starts `ledger-projector` over `database_url`, consuming `brokers` when given (else
     /// reading the store directly), plus `extra` environment.
     pub async fn start(database_url: &str, brokers: Option<&str>, extra: &[(&str, &str)]) -> Self {
+        let (topic, group, transfers) = (
+            topic(database_url),
+            projector_group(database_url),
+            transfers_group(database_url),
+        );
         let mut env = vec![
             ("DATABASE_URL", database_url),
-            ("KAFKA_TOPIC", TOPIC),
+            ("KAFKA_TOPIC", topic.as_str()),
+            ("KAFKA_GROUP_ID", group.as_str()),
+            ("TRANSFERS_GROUP_ID", transfers.as_str()),
             ("PROJECTOR_POLL_INTERVAL", "100ms"),
         ];
         if let Some(brokers) = brokers {

@@ -564,14 +564,15 @@ async fn a_projector_configured_to_rebuilds_a_stale_model_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn republish_sends_the_events_from_a_position_to_kafka_again() {
-    let broker = ledger_e2e::broker::Broker::start().await;
+    let broker = ledger_e2e::broker::Broker::shared().await;
     let url = migrated_database().await;
     seed(&url, 2, 9).await; // positions 1..=20
     let relay = ledger_e2e::services::Relay::start(&url, &broker.address, &[]).await;
     relay
         .wait_status("published", DEADLINE, |s| s["published"] == 20)
         .await;
-    let before = ledger_e2e::kafka::message_count(&broker.address, ledger_e2e::services::TOPIC);
+    let before =
+        ledger_e2e::kafka::message_count(&broker.address, &ledger_e2e::services::topic(&url));
     assert_eq!(before, 20);
     let run = admin_with(
         &url,
@@ -584,7 +585,7 @@ async fn republish_sends_the_events_from_a_position_to_kafka_again() {
     // The 5 re-sent events arrive again after the 20, each with its id, in order.
     let received = ledger_e2e::kafka::read_available(
         &broker.address,
-        ledger_e2e::services::TOPIC,
+        &ledger_e2e::services::topic(&url),
         Duration::from_secs(2),
         DEADLINE,
     );

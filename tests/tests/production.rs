@@ -214,7 +214,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_nothing_is_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_serves_metrics_and_the_request_id_reaches_the_projectors_log() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let relay = Relay::start(&url, &broker.address, &[]).await;
@@ -367,7 +367,7 @@ async fn with_an_otlp_endpoint_configured_spans_are_exported_in_the_callers_trac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_stops_relay_projector_and_query_cleanly_and_loses_nothing() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let mut relay = Relay::start(&url, &broker.address, &[]).await;

@@ -9,8 +9,8 @@ use futures::future::join_all;
 use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::services::{
-    balances_from_events, balances_in_read_model, migrated_database, wait_until_projected,
-    CommandApi, Projector, QueryApi, Relay, TOPIC,
+    balances_from_events, balances_in_read_model, migrated_database, topic, wait_until_projected,
+    CommandApi, Projector, QueryApi, Relay,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -29,15 +29,29 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
-    let broker = Broker::start().await;
+    stack_with(&[], "3").await
+}
+
+/// A projector restarted under this name gets its partitions back without a rebalance
+/// (static group membership).
+const STATIC_MEMBER: (&str, &str) = ("KAFKA_GROUP_INSTANCE_ID", "projector-1");
+
+/// The stack with `projector_env` for the projector and a topic of `partitions` partitions.
+async fn stack_with(projector_env: &[(&str, &str)], partitions: &str) -> Stack {
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
-    let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "3")]).await;
+    let relay = Relay::start(
+        &url,
+        &broker.address,
+        &[("KAFKA_TOPIC_PARTITIONS", partitions)],
+    )
+    .await;
     // The relay creates the topic; the projector subscribes to it.
     relay
         .wait_status("leader", DEADLINE, |s| s["leader"] == true)
         .await;
-    let projector = Projector::start(&url, Some(&broker.address), &[]).await;
+    let projector = Projector::start(&url, Some(&broker.address), projector_env).await;
     let query = QueryApi::start(&url, &[]).await;
     Stack {
         url,
@@ -252,7 +266,7 @@ async fn delivering_every_event_again_changes_no_balance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_events() {
-    let mut s = stack().await;
+    let mut s = stack_with(&[STATIC_MEMBER], "3").await;
     let accounts = join_all((0..8).map(|_| s.api.open_account())).await;
     let writers = {
         let accounts = accounts.clone();
@@ -285,7 +299,7 @@ async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_even
     .await;
     s.projector.process.signal(Signal::SIGKILL);
     s.projector.process.exit_code(Duration::from_secs(10)).await;
-    s.projector = Projector::start(&s.url, Some(&s.broker.address), &[]).await;
+    s.projector = Projector::start(&s.url, Some(&s.broker.address), &[STATIC_MEMBER]).await;
     writers.await.unwrap();
     wait_until_projected(&s.url, DEADLINE).await;
 
@@ -342,7 +356,7 @@ async fn a_poison_event_and_an_unreadable_message_go_to_dead_letters_and_the_pro
             .unwrap();
         producer
             .send(
-                FutureRecord::to(TOPIC)
+                FutureRecord::to(&topic(&s.url))
                     .key("garbage")
                     .payload("not json at all"),
                 Duration::from_secs(10),
@@ -501,9 +515,8 @@ async fn without_a_broker_the_projector_reads_the_store_and_reads_see_writes() {
 
 /// One member leaves the group (SIGTERM: it finishes its batches, commits its offsets and
 /// leaves) while writes go on; the other takes its partitions over. (A member killed with
-/// SIGKILL is only replaced after the broker expires its session; tansu 0.6 was seen not to
-/// reassign such partitions at all, so that case is covered by restarting the killed
-/// projector in the kill -9 test.)
+/// SIGKILL is replaced once the broker expires its session, or at once when it comes back
+/// under the same `KAFKA_GROUP_INSTANCE_ID`: the kill -9 and crash-loop tests.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_projectors_in_one_group_share_the_work_and_survive_one_leaving() {
     let s = stack().await;
@@ -587,7 +600,7 @@ async fn a_missing_sequence_is_repaired_from_the_store_never_skipped() {
             }
             producer
                 .send(
-                    FutureRecord::to(TOPIC)
+                    FutureRecord::to(&topic(&s.url))
                         .key(&message.key)
                         .payload(&message.value)
                         .headers(headers),
@@ -654,4 +667,200 @@ async fn sigterm_stops_the_projector_and_the_query_api_cleanly() {
     );
     let logs = query.process.drain().await.join("\n");
     assert!(logs.contains("query API stopped"), "{logs}");
+}
+
+/// Deposits 1 into each of `accounts`, `rounds` times.
+async fn deposits(api: &CommandApi, accounts: &[String], rounds: usize) {
+    for _ in 0..rounds {
+        join_all(accounts.iter().map(|account| api.deposit(account, 1))).await;
+    }
+}
+
+/// Kills the projector twice within a few seconds (a crash loop), then starts it a third
+/// time with `env`: it gets its partitions back, resumes, and says it is ready.
+async fn crash_loop(env: &[(&str, &str)]) {
+    let mut s = stack_with(env, "3").await;
+    let accounts = join_all((0..6).map(|_| s.api.open_account())).await;
+    deposits(&s.api, &accounts, 3).await;
+    wait_until_projected(&s.url, DEADLINE).await;
+    for _ in 0..2 {
+        s.projector.process.signal(Signal::SIGKILL);
+        s.projector.process.exit_code(Duration::from_secs(10)).await;
+        deposits(&s.api, &accounts, 1).await;
+        // Killed again as soon as it is up: before its first rebalance has settled.
+        s.projector = Projector::start(&s.url, Some(&s.broker.address), env).await;
+    }
+    s.projector.process.signal(Signal::SIGKILL);
+    s.projector.process.exit_code(Duration::from_secs(10)).await;
+    s.projector = Projector::start(&s.url, Some(&s.broker.address), env).await;
+    deposits(&s.api, &accounts, 2).await;
+    if let Err(why) = ledger_e2e::services::try_until_projected(&s.url, DEADLINE).await {
+        let status = s.projector.status().await;
+        s.projector.process.signal(Signal::SIGKILL);
+        let logs = s.projector.process.drain().await;
+        panic!(
+            "{why}\nstatus: {status}\nlog tail:\n{}",
+            logs[logs.len().saturating_sub(40)..].join("\n")
+        );
+    }
+    let ready = reqwest::get(format!("{}/readyz", s.projector.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let total: i64 = balances_from_events(&s.url).await.values().sum();
+    assert_eq!(total, 6 * (3 + 2 + 2));
+    assert_eq!(
+        balances_in_read_model(&s.url).await,
+        balances_from_events(&s.url).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_in_a_crash_loop_with_a_static_member_name_gets_its_partitions_back() {
+    crash_loop(&[STATIC_MEMBER]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_in_a_crash_loop_with_dynamic_membership_gets_its_partitions_back() {
+    crash_loop(&[]).await;
+}
+
+/// A member of the projector's group that holds the only partition and never makes progress
+/// (a wedged replica): the projector receives nothing while the group's lag grows. It says
+/// so (`/readyz` 503, the metric, a log line), leaves and rejoins, and once the wedged member
+/// is gone it gets the partition and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_receives_nothing_while_the_group_lags_is_reported_and_rejoins() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let broker = Broker::shared().await;
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "1")]).await;
+    relay
+        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
+        .await;
+    // The wedged member joins first and sorts first (range assignment by member id), so it
+    // keeps the partition through every rebalance. It polls (so it stays in the group) and
+    // throws away what it gets, committing nothing.
+    let group = ledger_e2e::services::projector_group(&url);
+    let stop_wedged = Arc::new(AtomicBool::new(false));
+    let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
+    let wedged = {
+        let (brokers, topic, group, stop) = (
+            broker.address.clone(),
+            topic(&url),
+            group.clone(),
+            stop_wedged.clone(),
+        );
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("client.id", "aaa-wedged")
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("partition.assignment.strategy", "range")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            let mut told = false;
+            while !stop.load(Ordering::SeqCst) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if !told && consumer.assignment().is_ok_and(|a| a.count() == 1) {
+                    let _ = assigned_tx.send(());
+                    told = true;
+                }
+            }
+            consumer.unsubscribe();
+        })
+    };
+    tokio::task::spawn_blocking(move || assigned_rx.recv_timeout(DEADLINE))
+        .await
+        .unwrap()
+        .expect("the wedged member got the partition");
+    let mut projector = Projector::start(
+        &url,
+        Some(&broker.address),
+        &[("KAFKA_STALL_TIMEOUT", "2s")],
+    )
+    .await;
+    let accounts = join_all((0..3).map(|_| api.open_account())).await;
+    deposits(&api, &accounts, 2).await;
+
+    let ready = format!("{}/readyz", projector.base);
+    let reason = eventually(DEADLINE, "readyz 503 naming the stall", || {
+        let ready = ready.clone();
+        async move {
+            let response = reqwest::get(&ready).await.map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.map_err(|e| e.to_string())?;
+            (status == 503 && body["checks"]["consumer"] == "stalled")
+                .then(|| body["detail"].as_str().unwrap_or("").to_owned())
+                .ok_or_else(|| format!("{status} {body}"))
+        }
+    })
+    .await;
+    assert!(reason.contains("events waiting"), "{reason}");
+    projector
+        .process
+        .wait_for_line("consumer stalled", DEADLINE)
+        .await;
+    let metrics = reqwest::get(format!("{}/metrics", projector.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ledger_projector_consumer_stalled{consumer=\"projector\"} 1"),
+        "{metrics}"
+    );
+    let base = projector.base.clone();
+    eventually(DEADLINE, "a rejoin counted", || {
+        let base = base.clone();
+        async move {
+            let status: Value = reqwest::get(format!("{base}/status"))
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            (status["process"]["rejoins"].as_u64().unwrap_or(0) >= 1)
+                .then_some(())
+                .ok_or_else(|| status["process"].to_string())
+        }
+    })
+    .await;
+    // Nothing was applied while the wedged member held the partition.
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM account_statements")
+        .fetch_one(&mut PgConnection::connect(&url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(applied, 0);
+
+    // The wedged member goes away: the projector gets the partition and catches up.
+    stop_wedged.store(true, Ordering::SeqCst);
+    tokio::task::spawn_blocking(move || wedged.join())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until_projected(&url, DEADLINE).await;
+    eventually(DEADLINE, "ready again", || {
+        let ready = ready.clone();
+        async move {
+            let status = reqwest::get(&ready)
+                .await
+                .map_err(|e| e.to_string())?
+                .status()
+                .as_u16();
+            (status == 200)
+                .then_some(())
+                .ok_or_else(|| status.to_string())
+        }
+    })
+    .await;
+    assert!(projector.status().await["process"]["stalled"].is_null());
 }

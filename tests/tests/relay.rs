@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ledger_e2e::broker::Broker;
 use ledger_e2e::kafka::{assert_per_aggregate_order, message_count, read_all};
-use ledger_e2e::services::{migrated_database, CommandApi, Relay, TOPIC};
+use ledger_e2e::services::{migrated_database, topic, CommandApi, Relay};
 use nix::sys::signal::Signal;
 use sqlx::{Connection, PgConnection};
 
@@ -51,7 +51,7 @@ fn assert_same_events(received: &[ledger_e2e::kafka::Received], stored: &HashSet
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_published_once_with_readable_cloudevents_headers() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let relay = Relay::start(&url, &broker.address, &[]).await;
@@ -59,7 +59,7 @@ async fn every_event_is_published_once_with_readable_cloudevents_headers() {
     let stored = event_ids(&url).await;
     assert_eq!(stored.len(), 24);
 
-    let received = read_all(&broker.address, TOPIC, stored.len(), KAFKA);
+    let received = read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
     assert_same_events(&received, &stored);
     assert_eq!(
         received.len(),
@@ -93,13 +93,13 @@ async fn every_event_is_published_once_with_readable_cloudevents_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_holding_an_earlier_position_stops_publication_until_it_commits() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     // One partition: the relay's publication order is the topic's order.
     let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "1")]).await;
     let before = traffic(&api, 1, 2).await;
-    read_all(&broker.address, TOPIC, 3, KAFKA);
+    read_all(&broker.address, &topic(&url), 3, KAFKA);
 
     // A transaction takes the next position and stays open...
     let mut slow = PgConnection::connect(&url).await.unwrap();
@@ -124,13 +124,13 @@ async fn a_transaction_holding_an_earlier_position_stops_publication_until_it_co
         })
         .await;
     assert_eq!(
-        message_count(&broker.address, TOPIC),
+        message_count(&broker.address, &topic(&url)),
         3,
         "the relay published past a transaction that was still open"
     );
 
     open.commit().await.unwrap();
-    let received = read_all(&broker.address, TOPIC, 3 + 1 + 6, KAFKA);
+    let received = read_all(&broker.address, &topic(&url), 3 + 1 + 6, KAFKA);
     let positions: Vec<i64> = received
         .iter()
         .map(|m| m.header("ledger_global_position").parse().unwrap())
@@ -146,7 +146,7 @@ async fn a_transaction_holding_an_earlier_position_stops_publication_until_it_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_between_publish_and_checkpoint_resends_and_skips_nothing() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     traffic(&api, 3, 3).await; // 12 events
@@ -161,7 +161,7 @@ async fn a_relay_killed_between_publish_and_checkpoint_resends_and_skips_nothing
     let code = crashing.process.exit_code(KAFKA).await;
     assert_ne!(code, 0, "the fault injection did not fire");
     assert_eq!(
-        message_count(&broker.address, TOPIC),
+        message_count(&broker.address, &topic(&url)),
         5,
         "the first batch reached the broker"
     );
@@ -173,7 +173,7 @@ async fn a_relay_killed_between_publish_and_checkpoint_resends_and_skips_nothing
     assert_eq!(checkpoints, 0, "it died before its checkpoint");
 
     let _relay = Relay::start(&url, &broker.address, &[("RELAY_BATCH_SIZE", "5")]).await;
-    let received = read_all(&broker.address, TOPIC, stored.len(), KAFKA);
+    let received = read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
     assert_same_events(&received, &stored);
     assert_eq!(
         received.len(),
@@ -190,7 +190,7 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
     let api = CommandApi::start(&url).await;
     let relay = Relay::start(&url, &broker.address, &[]).await;
     let accounts = traffic(&api, 2, 2).await;
-    read_all(&broker.address, TOPIC, 6, KAFKA);
+    read_all(&broker.address, &topic(&url), 6, KAFKA);
 
     broker.stop().await;
     // Commands keep succeeding while the broker is down.
@@ -212,7 +212,9 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
     broker.resume().await;
     let brokers = broker.address.clone();
     let expected = stored.len();
-    let reading = tokio::task::spawn_blocking(move || read_all(&brokers, TOPIC, expected, KAFKA));
+    let topic_name = topic(&url);
+    let reading =
+        tokio::task::spawn_blocking(move || read_all(&brokers, &topic_name, expected, KAFKA));
     let received = match reading.await {
         Ok(received) => received,
         Err(panic) => {
@@ -222,13 +224,7 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
             panic!(
                 "{panic:?}\nrelay log tail:\n{}\nbroker log tail:\n{}",
                 logs[logs.len().saturating_sub(30)..].join("\n"),
-                broker
-                    .log()
-                    .lines()
-                    .rev()
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                broker.log_tail(30)
             );
         }
     };
@@ -238,7 +234,7 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_relay_takes_over_when_the_leader_dies_and_skips_nothing() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let first = Relay::start(&url, &broker.address, &[]).await;
@@ -252,7 +248,7 @@ async fn a_standby_relay_takes_over_when_the_leader_dies_and_skips_nothing() {
         "two leaders at once"
     );
     traffic(&api, 2, 3).await;
-    read_all(&broker.address, TOPIC, 8, KAFKA);
+    read_all(&broker.address, &topic(&url), 8, KAFKA);
 
     // Kill the leader outright; commands go on meanwhile.
     let (mut leader, standby) = (first, &mut second);
@@ -264,14 +260,14 @@ async fn a_standby_relay_takes_over_when_the_leader_dies_and_skips_nothing() {
         .await;
     let stored = event_ids(&url).await;
     assert_eq!(stored.len(), 16);
-    let received = read_all(&broker.address, TOPIC, stored.len(), KAFKA);
+    let received = read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
     assert_same_events(&received, &stored);
     assert_per_aggregate_order(&received);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_relay_cleanly_with_its_checkpoint_written() {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let mut relay = Relay::start(&url, &broker.address, &[]).await;
@@ -291,4 +287,91 @@ async fn sigterm_stops_the_relay_cleanly_with_its_checkpoint_written() {
         .await
         .unwrap();
     assert_eq!(position, last);
+}
+
+/// An operator's own tool reads the topic: Debian's kcat (librdkafka's command-line client)
+/// sees each event keyed by its aggregate id, with the CloudEvents and ledger headers the
+/// README lists and the stored payload as the JSON value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_reads_each_event_keyed_by_aggregate_with_the_documented_headers_and_value() {
+    let broker = Broker::shared().await;
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let _relay = Relay::start(&url, &broker.address, &[]).await;
+    traffic(&api, 3, 2).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let stored: Vec<(uuid::Uuid, String, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT event_id, aggregate_id, sequence, payload::jsonb FROM events ORDER BY global_position",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 9);
+    read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
+
+    let output = tokio::process::Command::new("kcat")
+        .args(["-C", "-b", &broker.address, "-t", &topic(&url)])
+        .args(["-o", "beginning", "-e", "-q", "-J"])
+        .output()
+        .await
+        .expect("kcat is installed by scripts/kafka.sh (Debian package kcat)");
+    assert!(
+        output.status.success(),
+        "kcat failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let messages: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(messages.len(), stored.len(), "{messages:?}");
+    let documented = [
+        "ce_id",
+        "ce_source",
+        "ce_specversion",
+        "ce_subject",
+        "ce_time",
+        "ce_type",
+        "content-type",
+        "ledger_aggregate_type",
+        "ledger_correlation_id",
+        "ledger_event_type",
+        "ledger_event_version",
+        "ledger_global_position",
+        "ledger_metadata",
+        "ledger_request_id",
+        "ledger_sequence",
+        "traceparent",
+    ];
+    for message in &messages {
+        // kcat -J gives headers as a flat [name, value, name, value, …] array.
+        let flat = message["headers"].as_array().unwrap();
+        let headers: std::collections::BTreeMap<&str, &str> = flat
+            .chunks(2)
+            .map(|pair| (pair[0].as_str().unwrap(), pair[1].as_str().unwrap_or("")))
+            .collect();
+        let names: Vec<&str> = headers.keys().copied().collect();
+        assert_eq!(names, documented, "header names of {message}");
+        let (_, aggregate, sequence, payload) = stored
+            .iter()
+            .find(|(id, ..)| id.to_string() == headers["ce_id"])
+            .unwrap_or_else(|| panic!("{} is not a stored event", headers["ce_id"]));
+        assert_eq!(
+            message["key"],
+            aggregate.as_str(),
+            "the key is the aggregate id"
+        );
+        assert_eq!(headers["ce_subject"], aggregate);
+        assert_eq!(headers["ce_source"], "/ledger");
+        assert_eq!(headers["ledger_sequence"], sequence.to_string());
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            headers["ce_type"],
+            format!("ledger.account.{}", headers["ledger_event_type"])
+        );
+        let value: serde_json::Value =
+            serde_json::from_str(message["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(&value, payload, "the value is the stored payload");
+    }
 }

@@ -11,7 +11,8 @@ use futures::stream::{self, StreamExt};
 use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::services::{
-    admin, migrated_database, wait_until_projected, CommandApi, Projector, QueryApi, Relay,
+    admin, migrated_database, projector_group, transfers_group, wait_until_projected, CommandApi,
+    Projector, QueryApi, Relay,
 };
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
@@ -30,45 +31,21 @@ struct Stack {
     query: QueryApi,
 }
 
-/// tansu answers heartbeats late under load; a short session would expire and the member
-/// might not get its partitions back (ADR 0008).
-const SESSION: (&str, &str) = ("KAFKA_SESSION_TIMEOUT", "45s");
-
 async fn stack(projector_env: &[(&str, &str)]) -> Stack {
-    let broker = Broker::start().await;
+    let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "3")]).await;
     relay
         .wait_status("leader", DEADLINE, |s| s["leader"] == true)
         .await;
-    let mut env = projector_env.to_vec();
-    env.push(SESSION);
-    let projector = Projector::start(&url, Some(&broker.address), &env).await;
+    let projector = Projector::start(&url, Some(&broker.address), projector_env).await;
     let query = QueryApi::start(&url, &[]).await;
     Stack {
         url,
         broker: Some(broker),
         api,
         _relay: Some(relay),
-        projector,
-        query,
-    }
-}
-
-/// Everything but the broker: the projector (read models and process manager) reads the
-/// store's log.
-async fn stack_without_broker() -> Stack {
-    let broker = None;
-    let url = migrated_database().await;
-    let api = CommandApi::start(&url).await;
-    let projector = Projector::start(&url, None, &[]).await;
-    let query = QueryApi::start(&url, &[]).await;
-    Stack {
-        url,
-        broker,
-        api,
-        _relay: None,
         projector,
         query,
     }
@@ -327,11 +304,8 @@ async fn check_conservation(url: &str, transfers: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_random_concurrent_transfers_conserve_money_and_all_end() {
-    // The biggest load of the suite, so the process manager and the read models follow the
-    // store's log here: under this load tansu 0.6's group coordinator can stop answering
-    // for longer than any session timeout, and then never hands the partitions back
-    // (ADR 0008). The Kafka path is exercised by the kill and compensation tests.
-    let mut s = stack_without_broker().await;
+    // The biggest load of the suite, through the whole path: relay, Kafka, process manager.
+    let mut s = stack(&[]).await;
     let mut rng = StdRng::seed_from_u64(6);
     let (all, _, _) = accounts(&s.api, &mut rng).await;
     let transfers = random_transfers(&s.api, &all, 1_000, 61).await;
@@ -412,24 +386,22 @@ async fn transfers_survive_the_process_manager_being_killed_again_and_again() {
     let killer = async {
         let exit = projector.process.exit_code(DEADLINE).await;
         assert_ne!(exit, 0, "the injected fault aborts the projector");
-        // Then three kill -9 at moments of progress. tansu 0.6 does not hand a killed
-        // member's partitions to a newcomer in good time, so each restart joins fresh
-        // consumer groups and so gets every event again from the start: every reaction is
+        // Then three kill -9 at moments of progress. Each restart joins fresh consumer
+        // groups and so gets every event again from the start: every reaction is
         // re-delivered, the harshest case for "never twice" (resuming from committed offsets
         // after a kill is covered by the read-side tests, through the same consumer code).
         let restart = |round: i64| {
             let url = url.clone();
             let brokers = broker.as_ref().unwrap().address.clone();
             async move {
-                let group = format!("ledger-projector-r{round}");
-                let transfers_group = format!("ledger-transfers-r{round}");
+                let group = format!("{}-r{round}", projector_group(&url));
+                let transfers_group = format!("{}-r{round}", transfers_group(&url));
                 Projector::start(
                     &url,
                     Some(&brokers),
                     &[
                         ("KAFKA_GROUP_ID", group.as_str()),
                         ("TRANSFERS_GROUP_ID", transfers_group.as_str()),
-                        SESSION,
                     ],
                 )
                 .await
