@@ -79,9 +79,11 @@ pub mod names {
     /// rebuilt; the projector then says so at start.
     pub fn version(projection: &str) -> i32 {
         match projection {
-            ACCOUNT_SUMMARY | OWNER_TOTALS | TRANSFERS => 1,
+            ACCOUNT_SUMMARY | TRANSFERS => 1,
             // 2: transfer legs, with their transfer id.
             ACCOUNT_STATEMENT => 2,
+            // 2: `updated_at` is the greatest `recorded_at`, not the last applied one.
+            OWNER_TOTALS => 2,
             _ => 0,
         }
     }

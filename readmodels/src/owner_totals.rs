@@ -22,7 +22,9 @@ pub struct OwnerTotal {
     pub balance: i64,
     /// Highest global position applied to this row.
     pub last_position: i64,
-    /// When the row last changed.
+    /// The latest `recorded_at` among the events applied to the row: the greatest, not the
+    /// last applied, so it does not depend on the order in which partitions are applied and
+    /// a rebuild gives the same value as live apply (promise 5).
     pub updated_at: DateTime<Utc>,
 }
 
@@ -65,7 +67,7 @@ pub async fn apply(
              ON CONFLICT (owner, currency) DO UPDATE
                 SET accounts = t.accounts + 1, open_accounts = t.open_accounts + 1,
                     last_position = greatest(t.last_position, EXCLUDED.last_position),
-                    updated_at = EXCLUDED.updated_at",
+                    updated_at = greatest(t.updated_at, EXCLUDED.updated_at)",
         )
         .bind(owner)
         .bind(currency.code())
@@ -95,7 +97,7 @@ pub async fn apply(
     sqlx::query(
         "UPDATE owner_totals
             SET balance = balance + $3, open_accounts = open_accounts - $4,
-                last_position = greatest(last_position, $5), updated_at = $6
+                last_position = greatest(last_position, $5), updated_at = greatest(updated_at, $6)
           WHERE owner = $1 AND currency = $2",
     )
     .bind(owner)
