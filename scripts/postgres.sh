@@ -52,9 +52,11 @@ admin_url() {
   echo "$with_password"
 }
 
-# Drops the per-test databases (ledger_test_<id>, ledger_e2e_<id>) left by earlier runs.
+# Drops the per-test databases (ledger_test_<id>, ledger_e2e_<id>) left by earlier runs. A
+# database someone is connected to (another test run on the same server) is left alone.
 drop_test_databases() {
   local admin=$1
-  psql "$admin" -qAtc "SELECT datname FROM pg_database WHERE datname ~ '^ledger_(test|e2e)_'" 2>/dev/null |
-    while read -r db; do psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
+  psql "$admin" -qAtc "SELECT datname FROM pg_database d WHERE datname ~ '^ledger_(test|e2e)_'
+                         AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)" 2>/dev/null |
+    while read -r db; do psql "$admin" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
 }
