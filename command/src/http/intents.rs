@@ -132,6 +132,11 @@ where
             }
             Err(LedgerError::Rejected(rule)) => {
                 let problem = ApiError::from(rule).problem();
+                if !is_remembered(problem.status) {
+                    // A refusal that only says "not now" (409 transfers_in_flight): the
+                    // key stays free, so a retry once the conflict is gone is carried out.
+                    return Err(ApiError::Problem(problem));
+                }
                 let stored = StoredResponse {
                     status: problem.status.as_u16(),
                     body: problem.body(),
@@ -148,6 +153,13 @@ where
     Err(ApiError::Internal(format!(
         "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
     )))
+}
+
+/// Whether a refusal with `status` is the key's answer for good. A 409 is not: it reports a
+/// state that passes (a transfer in flight, a concurrent update), and retrying with the same
+/// key is how the client gets the real outcome (ADR 0002).
+fn is_remembered(status: StatusCode) -> bool {
+    status != StatusCode::CONFLICT
 }
 
 /// Renders a stored answer. The same function serves first answers and replays.

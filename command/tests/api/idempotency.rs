@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use ledger_command::domain::AccountCommand;
 use ledger_command::idempotency;
 use ledger_command::ledger::{Intent, Ledger, RetryPolicy};
-use ledger_events::Metadata;
+use ledger_events::{Amount, Metadata};
 use serde_json::json;
 
 use crate::helpers::{spawn_app, spawn_app_on};
@@ -172,4 +173,56 @@ async fn a_malformed_idempotency_key_is_400() {
             .assert_problem(400, "invalid_idempotency_key");
     }
     assert_eq!(app.balance_from_events(id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_is_not_remembered_and_the_same_key_gets_the_real_outcome_once_the_conflict_is_gone()
+{
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    assert_eq!(app.deposit(id, 100, None).await.status, 200);
+    // A transfer leaves the account (as the process manager would send it): balance 0, one
+    // transfer in flight, so closing is a 409 until it settles.
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let transfer_id = uuid::Uuid::now_v7();
+    let account_command = |command| Intent {
+        aggregate_id: id,
+        command,
+        metadata: Metadata::default(),
+    };
+    ledger
+        .execute(account_command(AccountCommand::SendTransfer {
+            transfer_id,
+            to: uuid::Uuid::now_v7(),
+            amount: Amount::new(100).unwrap(),
+            currency: "EUR".parse().unwrap(),
+        }))
+        .await
+        .unwrap();
+    app.close(id, Some("k-close"))
+        .await
+        .assert_problem(409, "transfers_in_flight");
+    assert!(
+        idempotency::find(&app.pool, "k-close")
+            .await
+            .unwrap()
+            .is_none(),
+        "the 409 was stored as the key's answer"
+    );
+
+    ledger
+        .execute(account_command(AccountCommand::SettleTransfer {
+            transfer_id,
+        }))
+        .await
+        .unwrap();
+    let closed = app.close(id, Some("k-close")).await;
+    assert_eq!(closed.status, 200, "{}", closed.text);
+    assert_eq!(closed.body["status"], "closed");
+    assert!(closed.headers.get("idempotent-replayed").is_none());
+    let replayed = app.close(id, Some("k-close")).await;
+    assert_eq!(replayed.body, closed.body);
+    assert_eq!(replayed.headers["idempotent-replayed"], "true");
+    let last = app.events_of(id).await.pop().unwrap();
+    assert_eq!(last.1, "AccountClosed");
 }
