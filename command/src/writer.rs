@@ -76,11 +76,18 @@ struct Job<A: Decider> {
 impl<A: Decider> Job<A> {
     /// What must not appear twice in one batch: the idempotency key and the transfer step.
     fn claims(&self) -> impl Iterator<Item = String> + '_ {
+        // The key in its client's scope, as the trigger claims it (keys are visible ASCII,
+        // so a newline cannot occur in one).
+        let scope = self
+            .metadata
+            .idempotency_scope
+            .as_deref()
+            .unwrap_or(crate::idempotency::LEGACY_SCOPE);
         let key = self
             .metadata
             .idempotency_key
             .as_ref()
-            .map(|k| format!("k:{k}"));
+            .map(|k| format!("k:{scope}\n{k}"));
         let step = self
             .metadata
             .transfer_step
