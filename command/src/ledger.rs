@@ -62,6 +62,10 @@ pub enum LedgerError<E: std::error::Error = crate::domain::AccountError> {
     /// Every attempt lost the race for the aggregate's next version.
     #[error("concurrent updates to the aggregate; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
+    /// The writer's queue was full: the command was refused before it was queued, and
+    /// nothing was written.
+    #[error("the command queue is full ({queue_max} commands waiting); nothing was queued")]
+    Overloaded { queue_max: usize },
     /// PostgreSQL is unreachable or saturated.
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),

@@ -21,6 +21,11 @@
 //!   version first (one query for the batch), so a stale cache never refuses a command the
 //!   real state would accept.
 //!
+//! The queue in front of each writer is bounded: a command that finds it full is refused at
+//! once ([`LedgerError::Overloaded`]), before anything is queued. A command whose caller has
+//! gone (request timeout, dropped connection) before the writer took it into a batch is
+//! dropped, never committed; once taken, it is committed and its outcome recorded as usual.
+//!
 //! Idempotency keys and transfer steps are still claimed by the triggers on `events`, in
 //! the same statement. Two commands of one batch never carry the same key or step: the
 //! second waits for the next batch, where the trigger treats it like any duplicate.
@@ -50,6 +55,9 @@ pub struct WriterConfig {
     pub cache_capacity: u64,
     /// A snapshot is written when an aggregate's version crosses a multiple of this.
     pub snapshot_every: i64,
+    /// Most commands waiting for one writer (besides the batch it is committing); more are
+    /// refused with [`LedgerError::Overloaded`].
+    pub queue_max: usize,
 }
 
 impl Default for WriterConfig {
@@ -59,6 +67,7 @@ impl Default for WriterConfig {
             batch_max: 256,
             cache_capacity: 100_000,
             snapshot_every: 100,
+            queue_max: 512,
         }
     }
 }
@@ -99,7 +108,7 @@ impl<A: Decider> Job<A> {
 
 /// The writers of aggregate type `A`.
 pub(crate) struct Writers<A: Decider> {
-    queues: Vec<mpsc::UnboundedSender<Job<A>>>,
+    queues: Vec<mpsc::Sender<Job<A>>>,
 }
 
 impl<A: Decider> std::fmt::Debug for Writers<A> {
@@ -121,9 +130,10 @@ where
         let writers = config.writers.max(1);
         let capacity = (config.cache_capacity / writers as u64).max(1);
         let upcasters: Arc<[Box<dyn EventUpcaster>]> = ledger_events::upcast::upcasters().into();
+        let queue_max = config.queue_max.max(1);
         let queues = (0..writers)
             .map(|_| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(queue_max);
                 let writer = Writer::<A> {
                     pool: pool.clone(),
                     cache: moka::sync::Cache::new(capacity),
@@ -140,7 +150,9 @@ where
 
     /// Hands one command to its aggregate's writer and waits for the answer. A
     /// [`LedgerError::Conflict`] means the command lost a race with another process even
-    /// on fresh state and may be retried.
+    /// on fresh state and may be retried; [`LedgerError::Overloaded`] that the writer's
+    /// queue was full and the command was not queued. Dropping the returned future before
+    /// the writer takes the command into a batch withdraws it.
     pub(crate) async fn submit(
         &self,
         aggregate_id: Uuid,
@@ -156,8 +168,18 @@ where
             metadata,
             reply,
         };
-        if self.queues[shard].send(job).is_err() {
-            return Err(LedgerError::Internal("the writer has stopped".into()));
+        match self.queues[shard].try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("ledger_command_overloaded_total", "aggregate_type" => A::TYPE)
+                    .increment(1);
+                return Err(LedgerError::Overloaded {
+                    queue_max: self.queues[shard].max_capacity(),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(LedgerError::Internal("the writer has stopped".into()));
+            }
         }
         answer
             .await
@@ -264,7 +286,7 @@ where
     A: Decider,
     A::Error: std::error::Error,
 {
-    async fn run(self, mut queue: mpsc::UnboundedReceiver<Job<A>>) {
+    async fn run(self, mut queue: mpsc::Receiver<Job<A>>) {
         let mut held: VecDeque<Job<A>> = VecDeque::new();
         loop {
             let mut taken: Vec<Job<A>> = held.drain(..).collect();
@@ -282,15 +304,27 @@ where
             }
             let mut claimed = HashSet::new();
             let mut batch = Vec::with_capacity(taken.len());
+            let mut abandoned = 0u64;
             for job in taken {
-                if job.claims().all(|claim| !claimed.contains(&claim)) {
+                if job.reply.is_closed() {
+                    // Its caller has gone (timed out, disconnected) before the command
+                    // started: nobody will learn of it, so it is not carried out.
+                    abandoned += 1;
+                } else if job.claims().all(|claim| !claimed.contains(&claim)) {
                     claimed.extend(job.claims());
                     batch.push(job);
                 } else {
                     held.push_back(job);
                 }
             }
-            self.commit(batch).await;
+            if abandoned > 0 {
+                tracing::debug!(abandoned, "commands whose callers have gone were dropped");
+                metrics::counter!("ledger_command_abandoned_total", "aggregate_type" => A::TYPE)
+                    .increment(abandoned);
+            }
+            if !batch.is_empty() {
+                self.commit(batch).await;
+            }
         }
     }
 

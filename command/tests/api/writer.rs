@@ -2,6 +2,7 @@
 //! and a cache made stale by another process never decides anything on its own.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use futures::future::join_all;
 use ledger_command::domain::AccountCommand;
@@ -10,7 +11,7 @@ use ledger_events::{Amount, Metadata};
 use sqlx::Connection;
 
 use crate::durability::{hold_next_sequence, wait_for_lock_waiter};
-use crate::helpers::{spawn_app, spawn_app_on};
+use crate::helpers::{eventually, spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commands_share_transactions_and_keep_every_version() {
@@ -173,5 +174,91 @@ async fn duplicates_under_one_key_never_share_a_batch() {
         assert!(matches!(refused, Err(LedgerError::KeyTaken)), "{refused:?}");
     }
     assert_eq!(app.balance_from_events(target).await, 250);
+    assert_eq!(app.events_of(target).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_answered_503_with_retry_after_and_nothing_is_queued() {
+    let app = spawn_app_with(&["--command-queue-max", "1"]).await;
+    let (blocked, other) = (app.new_account().await, app.new_account().await);
+    // The writer is stuck: its statement waits on a rival holding the blocked account's
+    // version 2.
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let stuck = app.spawn_deposit(blocked, 5);
+    wait_for_lock_waiter(&app.pool).await;
+
+    // Room for one more: of two commands sent now, one waits and the other is refused.
+    let contenders = [app.spawn_deposit(other, 1), app.spawn_deposit(other, 1)];
+    eventually(Duration::from_secs(10), "one command to be refused", || {
+        let finished = contenders.iter().filter(|c| c.is_finished()).count();
+        async move { finished > 0 }
+    })
+    .await;
+    assert_eq!(
+        contenders.iter().filter(|c| c.is_finished()).count(),
+        1,
+        "the queue held more than its bound"
+    );
+    let (refused, waiting): (Vec<_>, Vec<_>) =
+        contenders.into_iter().partition(|c| c.is_finished());
+    let refused = refused.into_iter().next().unwrap().await.unwrap();
+    refused.assert_problem(503, "overloaded");
+    assert_eq!(refused.headers["retry-after"], "1");
+
+    tx.rollback().await.unwrap();
+    assert_eq!(stuck.await.unwrap().status, 200);
+    for waiting in waiting {
+        let answer = waiting.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    assert_eq!(
+        app.balance_from_events(other).await,
+        1,
+        "the refused deposit was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_caller_has_gone_before_it_started_is_never_committed() {
+    let app = spawn_app().await;
+    let (blocked, target) = (app.new_account().await, app.new_account().await);
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let deposit = |account, amount| Intent {
+        aggregate_id: account,
+        command: AccountCommand::Deposit {
+            amount: Amount::new(amount).unwrap(),
+            currency: "EUR".parse().unwrap(),
+            reference: None,
+        },
+        metadata: Metadata::default(),
+    };
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let mut stuck = Box::pin(ledger.execute(deposit(blocked, 5)));
+    assert!(futures::poll!(&mut stuck).is_pending());
+    wait_for_lock_waiter(&app.pool).await;
+
+    // Queued behind the stuck batch (one poll enqueues it), then its caller goes away, as a
+    // request timeout or a dropped connection drops the handler.
+    let mut gone = Box::pin(ledger.execute(deposit(target, 50)));
+    assert!(futures::poll!(&mut gone).is_pending());
+    drop(gone);
+
+    tx.rollback().await.unwrap();
+    stuck.await.unwrap();
+    // Queued after the abandoned command, so answered only once it has been dealt with.
+    let later = ledger.execute(deposit(target, 1)).await.unwrap();
+    assert_eq!(
+        later.state.balance, 1,
+        "the abandoned deposit was committed"
+    );
+    assert_eq!(app.balance_from_events(target).await, 1);
     assert_eq!(app.events_of(target).await.len(), 2);
 }
