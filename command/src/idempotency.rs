@@ -8,8 +8,10 @@
 //! Keys are scoped per client ([`ClientKey`]): the same key sent with two API keys is two
 //! keys, and one client never sees another's answer (ADR 0012).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use ledger_events::Metadata;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -43,6 +45,18 @@ impl ClientKey {
             scope: scope.into(),
             key: key.into(),
         }
+    }
+
+    /// The key events with `metadata` claim, in the scope the trigger on `events` uses
+    /// (metadata without a scope claims in [`LEGACY_SCOPE`]).
+    pub fn of(metadata: &Metadata) -> Option<Self> {
+        metadata.idempotency_key.as_ref().map(|key| {
+            let scope = metadata
+                .idempotency_scope
+                .as_deref()
+                .unwrap_or(LEGACY_SCOPE);
+            Self::new(scope, key.clone())
+        })
     }
 }
 
@@ -157,6 +171,34 @@ pub async fn is_claimed(pool: &PgPool, key: &ClientKey) -> Result<bool, sqlx::Er
     .fetch_optional(pool)
     .await?;
     Ok(found.is_some())
+}
+
+/// Which of `keys` are claimed (one query for a whole batch).
+pub async fn claimed_among(
+    pool: &PgPool,
+    keys: &[ClientKey],
+) -> Result<HashSet<ClientKey>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let (names, scopes): (Vec<&str>, Vec<&str>) = keys
+        .iter()
+        .map(|k| (k.key.as_str(), k.scope.as_str()))
+        .unzip();
+    let claimed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT k.idempotency_key, k.client_scope
+           FROM idempotency_keys k
+           JOIN unnest($1::text[], $2::text[]) AS w(idempotency_key, client_scope)
+          USING (idempotency_key, client_scope)",
+    )
+    .bind(&names)
+    .bind(&scopes)
+    .fetch_all(pool)
+    .await?;
+    Ok(claimed
+        .into_iter()
+        .map(|(key, scope)| ClientKey::new(scope, key))
+        .collect())
 }
 
 /// Stores the answer for a key claimed by appended events (first answer wins).

@@ -169,7 +169,7 @@ where
                 .await
             {
                 Err(LedgerError::Conflict { .. }) => {
-                    if let Some(key) = client_key(&intent.metadata) {
+                    if let Some(key) = idempotency::ClientKey::of(&intent.metadata) {
                         if idempotency::is_claimed(&self.pool, &key)
                             .await
                             .map_err(sql_error)?
@@ -249,17 +249,6 @@ where
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-}
-
-/// The idempotency key an intent's events claim, in the scope the trigger on `events` uses.
-fn client_key(metadata: &Metadata) -> Option<idempotency::ClientKey> {
-    metadata.idempotency_key.as_ref().map(|key| {
-        let scope = metadata
-            .idempotency_scope
-            .as_deref()
-            .unwrap_or(idempotency::LEGACY_SCOPE);
-        idempotency::ClientKey::new(scope, key.clone())
-    })
 }
 
 fn classify<E: std::error::Error>(err: AggregateError<E>) -> LedgerError<E> {

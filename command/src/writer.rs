@@ -28,7 +28,11 @@
 //!
 //! Idempotency keys and transfer steps are still claimed by the triggers on `events`, in
 //! the same statement. Two commands of one batch never carry the same key or step: the
-//! second waits for the next batch, where the trigger treats it like any duplicate.
+//! second waits for the next batch, where the trigger treats it like any duplicate. When a
+//! batch fails on a conflict, the writer first reads which of its keys and steps other
+//! transactions have claimed, answers those commands alone (`KeyTaken`, `StepTaken`) and
+//! commits the rest together. An aggregate whose snapshot or events cannot be read fails
+//! its own commands only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -42,7 +46,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::domain::Decider;
+use crate::idempotency::{self, ClientKey};
 use crate::ledger::{LedgerError, Outcome};
+use crate::transfer_steps;
 
 /// How the writers of one aggregate type are sized.
 #[derive(Debug, Clone, Copy)]
@@ -87,16 +93,7 @@ impl<A: Decider> Job<A> {
     fn claims(&self) -> impl Iterator<Item = String> + '_ {
         // The key in its client's scope, as the trigger claims it (keys are visible ASCII,
         // so a newline cannot occur in one).
-        let scope = self
-            .metadata
-            .idempotency_scope
-            .as_deref()
-            .unwrap_or(crate::idempotency::LEGACY_SCOPE);
-        let key = self
-            .metadata
-            .idempotency_key
-            .as_ref()
-            .map(|k| format!("k:{scope}\n{k}"));
+        let key = ClientKey::of(&self.metadata).map(|k| format!("k:{}\n{}", k.scope, k.key));
         let step = self
             .metadata
             .transfer_step
@@ -332,13 +329,19 @@ where
     /// has been forgotten: it is decided again on fresh state (one load for all) and
     /// committed once more; if that fails too, each command is committed alone, so that
     /// only the command that really lost is told so.
-    async fn commit(&self, jobs: Vec<Job<A>>) {
+    async fn commit(&self, mut jobs: Vec<Job<A>>) {
         metrics::histogram!("ledger_command_batch_size", "aggregate_type" => A::TYPE)
             .record(jobs.len() as f64);
         let mut result = self.try_commit(&jobs).await;
         if matches!(result, Err(Failure::Conflict)) && jobs.len() > 1 {
             metrics::counter!("ledger_command_batch_conflicts_total", "aggregate_type" => A::TYPE)
                 .increment(1);
+            // A key or step another transaction claimed fails its own command only; the
+            // rest of the batch is committed together.
+            jobs = self.answer_claimed_elsewhere(jobs).await;
+            if jobs.is_empty() {
+                return;
+            }
             result = self.try_commit(&jobs).await;
         }
         match result {
@@ -360,6 +363,51 @@ where
         }
     }
 
+    /// Answers the jobs whose idempotency key or transfer step another transaction has
+    /// claimed (`KeyTaken`, `StepTaken`) and returns the others. When the claims cannot be
+    /// read, every job is returned: the one-by-one fallback still sorts them out.
+    async fn answer_claimed_elsewhere(&self, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
+        let keys: Vec<ClientKey> = jobs
+            .iter()
+            .filter_map(|job| ClientKey::of(&job.metadata))
+            .collect();
+        let steps: Vec<String> = jobs
+            .iter()
+            .filter_map(|job| job.metadata.transfer_step.clone())
+            .collect();
+        if keys.is_empty() && steps.is_empty() {
+            return jobs;
+        }
+        let claimed = async {
+            let keys = idempotency::claimed_among(&self.pool, &keys).await?;
+            let steps = transfer_steps::find_many(&self.pool, &steps).await?;
+            Ok::<_, sqlx::Error>((keys, steps))
+        };
+        let (keys, mut steps) = match claimed.await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the claims of a conflicting batch");
+                return jobs;
+            }
+        };
+        let mut kept = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let step = job
+                .metadata
+                .transfer_step
+                .as_ref()
+                .and_then(|step| steps.remove(step));
+            if let Some(claim) = step {
+                let _ = job.reply.send(Err(LedgerError::StepTaken(Box::new(claim))));
+            } else if ClientKey::of(&job.metadata).is_some_and(|key| keys.contains(&key)) {
+                let _ = job.reply.send(Err(LedgerError::KeyTaken));
+            } else {
+                kept.push(job);
+            }
+        }
+        kept
+    }
+
     /// Decides every job in order and appends their events in one statement. On any
     /// failure nothing is written and every aggregate of the batch is forgotten.
     async fn try_commit(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
@@ -375,6 +423,8 @@ where
     async fn decide_and_append(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
         // Aggregates read from the store during this batch (or confirmed current).
         let mut fresh: HashSet<Uuid> = HashSet::new();
+        // Aggregates that could not be read, with the reason: only their commands fail.
+        let mut broken: HashMap<Uuid, String> = HashMap::new();
         let mut base: HashMap<Uuid, Entry<A>> = HashMap::new();
         for job in jobs {
             if let std::collections::hash_map::Entry::Vacant(slot) = base.entry(job.aggregate_id) {
@@ -389,21 +439,26 @@ where
             let missing: Vec<Uuid> = jobs
                 .iter()
                 .map(|job| job.aggregate_id)
-                .filter(|id| !base.contains_key(id))
+                .filter(|id| !base.contains_key(id) && !broken.contains_key(id))
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
             if !missing.is_empty() {
                 metrics::counter!("ledger_command_cache_misses_total", "aggregate_type" => A::TYPE)
                     .increment(missing.len() as u64);
-                let mut loaded = self.load(&missing).await?;
+                let (mut loaded, unreadable) = self.load(&missing).await?;
                 for id in missing {
+                    if let Some(reason) = unreadable.get(&id) {
+                        tracing::error!(aggregate_type = A::TYPE, aggregate_id = %id, %reason, "an aggregate cannot be read; its commands fail");
+                        broken.insert(id, reason.clone());
+                        continue;
+                    }
                     base.insert(id, loaded.remove(&id).unwrap_or_default());
                     fresh.insert(id);
                 }
             }
 
-            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh)?;
+            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh, &broken)?;
             if !unconfirmed.is_empty() {
                 let stale = self.stale(&unconfirmed, &base).await?;
                 fresh.extend(unconfirmed);
@@ -463,6 +518,7 @@ where
         jobs: &[Job<A>],
         base: &HashMap<Uuid, Entry<A>>,
         fresh: &HashSet<Uuid>,
+        broken: &HashMap<Uuid, String>,
     ) -> Result<(Vec<Decision<A>>, Rows, HashSet<Uuid>), Failure> {
         let mut working: HashMap<Uuid, Entry<A>> = HashMap::new();
         let mut rows = Rows::default();
@@ -470,6 +526,10 @@ where
         let mut unconfirmed = HashSet::new();
         for job in jobs {
             let id = job.aggregate_id;
+            if let Some(reason) = broken.get(&id) {
+                decisions.push(Decision::Done(Err(LedgerError::Internal(reason.clone()))));
+                continue;
+            }
             let entry = working
                 .entry(id)
                 .or_insert_with(|| base.get(&id).cloned().unwrap_or_default());
@@ -540,7 +600,13 @@ where
     }
 
     /// Loads aggregates from their latest snapshot and the events after it, in one query.
-    async fn load(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Entry<A>>, Failure> {
+    /// An aggregate whose snapshot or an event cannot be read is returned apart, with the
+    /// reason, so that it fails only its own commands.
+    #[allow(clippy::type_complexity)]
+    async fn load(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<(HashMap<Uuid, Entry<A>>, HashMap<Uuid, String>), Failure> {
         let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let rows: Vec<LoadRow> = sqlx::query_as(
             "SELECT w.aggregate_id,
@@ -564,25 +630,36 @@ where
         .await?;
 
         let mut loaded: HashMap<Uuid, Entry<A>> = HashMap::new();
+        let mut unreadable: HashMap<Uuid, String> = HashMap::new();
         for row in rows {
             let id = Uuid::parse_str(&row.aggregate_id)
                 .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))?;
+            if unreadable.contains_key(&id) {
+                continue;
+            }
             let entry = loaded.entry(id).or_default();
-            if let Some(snapshot) = row.snapshot {
-                entry.state = serde_json::from_value(snapshot)
-                    .map_err(|err| Failure::Corrupt(format!("snapshot of {id}: {err}")))?;
+            let read = if let Some(snapshot) = row.snapshot.clone() {
+                serde_json::from_value(snapshot)
+                    .map(|state| entry.state = state)
+                    .map_err(|err| format!("snapshot of {id}: {err}"))
             } else if row.snapshot_sequence != Some(row.sequence) {
-                let event = self.event(&row)?;
-                entry.state.fold(&event);
+                self.event(&row).map(|event| entry.state.fold(&event))
+            } else {
+                Ok(())
+            };
+            if let Err(reason) = read {
+                loaded.remove(&id);
+                unreadable.insert(id, reason);
+                continue;
             }
             entry.version = row.sequence;
             entry.position = row.global_position;
         }
-        Ok(loaded)
+        Ok((loaded, unreadable))
     }
 
     /// Reads one stored event through the contract's upcasters.
-    fn event(&self, row: &LoadRow) -> Result<A::Event, Failure> {
+    fn event(&self, row: &LoadRow) -> Result<A::Event, String> {
         let serialized = SerializedEvent::new(
             row.aggregate_id.clone(),
             usize::try_from(row.sequence).unwrap_or_default(),
@@ -599,12 +676,8 @@ where
                 event
             }
         });
-        serde_json::from_value(upcast.payload).map_err(|err| {
-            Failure::Corrupt(format!(
-                "event {} of {}: {err}",
-                row.sequence, row.aggregate_id
-            ))
-        })
+        serde_json::from_value(upcast.payload)
+            .map_err(|err| format!("event {} of {}: {err}", row.sequence, row.aggregate_id))
     }
 
     /// The aggregates of `ids` whose stored version differs from the cached one.

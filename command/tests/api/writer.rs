@@ -262,3 +262,134 @@ async fn a_command_whose_caller_has_gone_before_it_started_is_never_committed() 
     assert_eq!(app.balance_from_events(target).await, 1);
     assert_eq!(app.events_of(target).await.len(), 2);
 }
+
+/// A deposit of `amount` into `account` with the given metadata.
+fn deposit_with(account: uuid::Uuid, amount: i64, metadata: Metadata) -> Intent {
+    Intent {
+        aggregate_id: account,
+        command: AccountCommand::Deposit {
+            amount: Amount::new(amount).unwrap(),
+            currency: "EUR".parse().unwrap(),
+            reference: None,
+        },
+        metadata,
+    }
+}
+
+/// Runs `then` while the ledger's writer is stuck on a rival holding `blocker`'s version 2,
+/// so that every command `then` submits (one poll each) lands in the writer's next batch.
+async fn in_one_batch<T>(
+    app: &crate::helpers::TestApp,
+    ledger: &Ledger,
+    blocker: uuid::Uuid,
+    then: impl std::future::Future<Output = T>,
+) -> T {
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocker, 2).await;
+    let mut busy = Box::pin(ledger.execute(deposit_with(blocker, 1, Metadata::default())));
+    assert!(futures::poll!(&mut busy).is_pending());
+    wait_for_lock_waiter(&app.pool).await;
+    let mut then = Box::pin(then);
+    assert!(futures::poll!(&mut then).is_pending());
+    tx.rollback().await.unwrap();
+    busy.await.unwrap();
+    then.await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_or_step_claimed_elsewhere_fails_only_its_command_and_the_rest_commit_together() {
+    let app = spawn_app().await;
+    let blocker = app.new_account().await;
+    let target = app.new_account().await;
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(app.new_account().await);
+    }
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let keyed = Metadata {
+        idempotency_key: Some("claimed".into()),
+        ..Metadata::default()
+    };
+    let stepped = Metadata {
+        transfer_step: Some(format!("{}/credit", uuid::Uuid::now_v7())),
+        ..Metadata::default()
+    };
+    // The key and the step are taken first (as by another replica's earlier commands).
+    ledger
+        .execute(deposit_with(target, 10, keyed.clone()))
+        .await
+        .unwrap();
+    ledger
+        .execute(deposit_with(target, 20, stepped.clone()))
+        .await
+        .unwrap();
+
+    let (key_dup, step_dup, rest) = in_one_batch(&app, &ledger, blocker, async {
+        futures::join!(
+            ledger.execute(deposit_with(target, 10, keyed.clone())),
+            ledger.execute(deposit_with(target, 20, stepped.clone())),
+            join_all(others.iter().map(|&other| ledger.execute(deposit_with(
+                other,
+                3,
+                Metadata::default()
+            ))))
+        )
+    })
+    .await;
+    assert!(matches!(key_dup, Err(LedgerError::KeyTaken)), "{key_dup:?}");
+    assert!(
+        matches!(step_dup, Err(LedgerError::StepTaken(_))),
+        "{step_dup:?}"
+    );
+    for outcome in &rest {
+        assert_eq!(outcome.as_ref().unwrap().state.balance, 3);
+    }
+    assert_eq!(app.balance_from_events(target).await, 30);
+    let other_ids: Vec<String> = others.iter().map(ToString::to_string).collect();
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT transaction_id::text) FROM events
+          WHERE event_type = 'MoneyDeposited' AND aggregate_id = ANY($1)",
+    )
+    .bind(&other_ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        transactions, 1,
+        "the rest of the batch paid for the duplicates: committed one by one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_aggregate_fails_only_its_own_commands() {
+    let app = spawn_app().await;
+    let blocker = app.new_account().await;
+    let healthy = app.new_account().await;
+    let broken = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', $1, 1, 'MoneyDeposited', '2', '{\"type\":\"MoneyDeposited\",\"amount\":\"lots\"}', '{}')",
+    )
+    .bind(broken.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+
+    let (on_broken, on_healthy) = in_one_batch(&app, &ledger, blocker, async {
+        futures::join!(
+            ledger.execute(deposit_with(broken, 5, Metadata::default())),
+            ledger.execute(deposit_with(healthy, 5, Metadata::default())),
+        )
+    })
+    .await;
+    assert!(
+        matches!(on_broken, Err(LedgerError::Internal(_))),
+        "{on_broken:?}"
+    );
+    assert_eq!(on_healthy.unwrap().state.balance, 5);
+    assert_eq!(app.balance_from_events(healthy).await, 5);
+}
