@@ -66,6 +66,10 @@ pub enum LedgerError<E: std::error::Error = crate::domain::AccountError> {
     /// nothing was written.
     #[error("the command queue is full ({queue_max} commands waiting); nothing was queued")]
     Overloaded { queue_max: usize },
+    /// The connection was lost while the command's events were being committed, and the
+    /// store could not be read to find out whether they were: they may or may not be in.
+    #[error("the outcome of the commit is unknown: the connection was lost and the store could not be read")]
+    OutcomeUnknown,
     /// PostgreSQL is unreachable or saturated.
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),

@@ -21,6 +21,13 @@
 //!   version first (one query for the batch), so a stale cache never refuses a command the
 //!   real state would accept.
 //!
+//! When the connection is lost while a batch statement runs, its outcome is found out from
+//! the store (the batch's rows by `command_id`) before anyone is answered: committed
+//! batches get their real answers, "nothing was written" is said only when the store shows
+//! it, and when the store cannot be read the commands are told their outcome is unknown
+//! ([`LedgerError::OutcomeUnknown`]) and their aggregates are forgotten, so the next
+//! command on them is decided on what the store holds (ADR 0012).
+//!
 //! The queue in front of each writer is bounded: a command that finds it full is refused at
 //! once ([`LedgerError::Overloaded`]), before anything is queued. A command whose caller has
 //! gone (request timeout, dropped connection) before the writer took it into a batch is
@@ -35,6 +42,7 @@
 //! its own commands only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
@@ -64,6 +72,12 @@ pub struct WriterConfig {
     /// Most commands waiting for one writer (besides the batch it is committing); more are
     /// refused with [`LedgerError::Overloaded`].
     pub queue_max: usize,
+    /// Fault injection for tests: this many batch statements commit and are then reported
+    /// as a lost connection. 0 in production.
+    pub fault_lost_commits: u32,
+    /// Fault injection for tests: this many checks of a lost commit fail as if the store
+    /// could not be read. 0 in production.
+    pub fault_failed_checks: u32,
 }
 
 impl Default for WriterConfig {
@@ -74,6 +88,8 @@ impl Default for WriterConfig {
             cache_capacity: 100_000,
             snapshot_every: 100,
             queue_max: 512,
+            fault_lost_commits: 0,
+            fault_failed_checks: 0,
         }
     }
 }
@@ -128,6 +144,10 @@ where
         let capacity = (config.cache_capacity / writers as u64).max(1);
         let upcasters: Arc<[Box<dyn EventUpcaster>]> = ledger_events::upcast::upcasters().into();
         let queue_max = config.queue_max.max(1);
+        let faults = Arc::new(Faults {
+            lost_commits: AtomicU32::new(config.fault_lost_commits),
+            failed_checks: AtomicU32::new(config.fault_failed_checks),
+        });
         let queues = (0..writers)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(queue_max);
@@ -137,6 +157,7 @@ where
                     upcasters: upcasters.clone(),
                     batch_max: config.batch_max.max(1),
                     snapshot_every: config.snapshot_every.max(1),
+                    faults: faults.clone(),
                 };
                 tokio::spawn(writer.run(rx));
                 tx
@@ -213,6 +234,9 @@ struct Rows {
     event_versions: Vec<String>,
     payloads: Vec<String>,
     metadata: Vec<String>,
+    /// The command attempt of each row (also in its metadata): proof that a row found in
+    /// the store is this batch's, not another writer's at the same sequence.
+    command_ids: Vec<String>,
     snapshot_ids: Vec<String>,
     snapshot_sequences: Vec<i64>,
     snapshot_payloads: Vec<String>,
@@ -261,7 +285,12 @@ impl Failure {
     fn answer<E: std::error::Error>(&self) -> LedgerError<E> {
         match self {
             Self::Conflict => LedgerError::Conflict { attempts: 1 },
-            Self::Database(err) if ledger_platform::db::is_unavailable(err) => {
+            Self::Database(err)
+                if ledger_platform::db::is_unavailable(err)
+                    || err
+                        .as_database_error()
+                        .is_some_and(|db| session_ended(db.code().as_deref())) =>
+            {
                 LedgerError::Unavailable(err.to_string())
             }
             Self::Database(err) => LedgerError::Internal(err.to_string()),
@@ -276,6 +305,7 @@ struct Writer<A: Decider> {
     upcasters: Arc<[Box<dyn EventUpcaster>]>,
     batch_max: usize,
     snapshot_every: i64,
+    faults: Arc<Faults>,
 }
 
 impl<A> Writer<A>
@@ -473,7 +503,16 @@ where
             if rows.sequences.is_empty() {
                 return Ok(decisions.into_iter().map(Decision::into_reply).collect());
             }
-            let positions = self.append(&rows).await?;
+            let positions = match self.append(&rows).await {
+                Ok(positions) => positions,
+                Err(Failure::Database(err)) if commit_unknown(&err) => {
+                    match self.find_out(&rows, err).await? {
+                        Some(positions) => positions,
+                        None => return Ok(self.outcome_unknown(jobs, decisions, &rows)),
+                    }
+                }
+                Err(failure) => return Err(failure),
+            };
             return decisions
                 .into_iter()
                 .map(|decision| match decision {
@@ -562,7 +601,7 @@ where
             metadata
                 .causation_id
                 .get_or_insert_with(|| command_id.clone());
-            metadata.command_id = Some(command_id);
+            metadata.command_id = Some(command_id.clone());
             let metadata = serde_json::to_string(&metadata.to_map())
                 .map_err(|err| Failure::Corrupt(format!("metadata: {err}")))?;
             let before = entry.version;
@@ -577,6 +616,7 @@ where
                         .map_err(|err| Failure::Corrupt(format!("event: {err}")))?,
                 );
                 rows.metadata.push(metadata.clone());
+                rows.command_ids.push(command_id.clone());
                 entry.state.fold(event);
             }
             if before / self.snapshot_every != entry.version / self.snapshot_every {
@@ -708,6 +748,108 @@ where
             .collect())
     }
 
+    /// After the batch statement failed in a way that may have come after its commit (the
+    /// connection was lost): reads whether the batch's rows are in the store. One statement
+    /// is one transaction, so they all are (`Some`: the positions, answered as a success) or
+    /// none is (the original error: nothing was written). `None` when the store cannot be
+    /// read either: the outcome is unknown.
+    async fn find_out(
+        &self,
+        rows: &Rows,
+        lost: sqlx::Error,
+    ) -> Result<Option<HashMap<(Uuid, i64), i64>>, Failure> {
+        tracing::warn!(error = %lost, events = rows.sequences.len(), "connection lost during a batch commit; reading the store to find out whether it committed");
+        let check = if self.faults.take_failed_check() {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "fault injection: the store cannot be read after a lost commit",
+            )))
+        } else {
+            self.committed(rows).await
+        };
+        match check {
+            Ok(found) if found.len() == rows.sequences.len() => {
+                tracing::warn!(
+                    events = found.len(),
+                    "the batch had committed; answering its real outcome"
+                );
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "committed")
+                    .increment(1);
+                Ok(Some(found))
+            }
+            Ok(found) if found.is_empty() => {
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "not_committed")
+                    .increment(1);
+                Err(Failure::Database(lost))
+            }
+            Ok(found) => Err(Failure::Corrupt(format!(
+                "{} of {} events of one batch statement are in the store",
+                found.len(),
+                rows.sequences.len()
+            ))),
+            Err(check) => {
+                tracing::error!(error = %lost, check_error = %check, "the outcome of a batch commit is unknown");
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "unknown")
+                    .increment(1);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The answers of a batch whose commit could not be confirmed nor ruled out: every
+    /// command on an aggregate the batch wrote to is told its outcome is unknown (a refusal
+    /// there was decided on state that may not exist); the others keep their answers. The
+    /// aggregates written to are forgotten, so the next command on them is decided on what
+    /// the store holds.
+    fn outcome_unknown(
+        &self,
+        jobs: &[Job<A>],
+        decisions: Vec<Decision<A>>,
+        rows: &Rows,
+    ) -> Vec<Reply<A>> {
+        let touched: HashSet<&str> = rows.aggregate_ids.iter().map(String::as_str).collect();
+        for job in jobs {
+            self.cache.invalidate(&job.aggregate_id);
+        }
+        jobs.iter()
+            .zip(decisions)
+            .map(|(job, decision)| match decision {
+                Decision::Done(reply)
+                    if !touched.contains(job.aggregate_id.to_string().as_str()) =>
+                {
+                    reply
+                }
+                _ => Err(LedgerError::OutcomeUnknown),
+            })
+            .collect()
+    }
+
+    /// The positions of `rows` that are in the store, written by this batch's commands.
+    async fn committed(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, sqlx::Error> {
+        let found: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT e.aggregate_id, e.sequence, e.global_position
+               FROM unnest($2::text[], $3::bigint[], $4::text[])
+                    AS w(aggregate_id, sequence, command_id)
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = w.aggregate_id
+                AND e.sequence = w.sequence AND e.metadata ->> 'command_id' = w.command_id",
+        )
+        .bind(A::TYPE)
+        .bind(&rows.aggregate_ids)
+        .bind(&rows.sequences)
+        .bind(&rows.command_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, sequence, position)| {
+                Uuid::parse_str(&id)
+                    .ok()
+                    .map(|id| ((id, sequence), position))
+            })
+            .collect())
+    }
+
     /// Appends the rows and writes the due snapshots, in one statement (one transaction).
     /// Returns the global position of every appended event by (aggregate, sequence).
     async fn append(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, Failure> {
@@ -759,6 +901,12 @@ where
         .bind(&rows.snapshot_payloads)
         .fetch_all(&self.pool)
         .await?;
+        if self.faults.take_lost_commit() {
+            return Err(Failure::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fault injection: connection lost after the batch committed",
+            ))));
+        }
         metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
             .increment(appended.len() as u64);
         appended
@@ -811,6 +959,51 @@ fn dedup_snapshots(rows: &mut Rows) {
         .iter()
         .map(|&i| rows.snapshot_payloads[i].clone())
         .collect();
+}
+
+/// Whether a failed batch statement may nonetheless have committed: the connection failed
+/// while it ran, so PostgreSQL's answer (which would say) was lost, or the server ended the
+/// session (`08…`, `57P01`–`57P03`), which it may do just after a commit. Any other error
+/// PostgreSQL sent means the statement's transaction was rolled back; a pool error means the
+/// statement was never sent.
+fn commit_unknown(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => session_ended(db.code().as_deref()),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => false,
+        _ => true,
+    }
+}
+
+/// Whether an SQLSTATE says the server ended the session (connection exception, shutdown,
+/// or the backend was terminated).
+fn session_ended(code: Option<&str>) -> bool {
+    code.is_some_and(|code| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03"))
+}
+
+/// Faults injected by tests through hidden settings: each counter is how many more times
+/// the fault happens. All zero in production.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Batch statements that commit and are then reported as a lost connection.
+    lost_commits: AtomicU32,
+    /// Checks of a lost commit that fail as if the store could not be read.
+    failed_checks: AtomicU32,
+}
+
+impl Faults {
+    fn take(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn take_lost_commit(&self) -> bool {
+        Self::take(&self.lost_commits)
+    }
+
+    fn take_failed_check(&self) -> bool {
+        Self::take(&self.failed_checks)
+    }
 }
 
 fn answer<A: Decider>(jobs: Vec<Job<A>>, replies: Vec<Reply<A>>) {
