@@ -65,6 +65,31 @@ pub struct Settings {
     #[arg(long, env = "COMMAND_BATCH_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub command_batch_max: u16,
 
+    /// Most commands waiting for one writer beside the batch it commits; more are refused
+    /// at once with 503 `overloaded` and `Retry-After`, before anything is queued.
+    #[arg(long, env = "COMMAND_QUEUE_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub command_queue_max: u32,
+
+    /// Fault injection for tests: this many batch statements commit and are then reported as
+    /// a lost connection. 0 disables it.
+    #[arg(
+        long,
+        env = "COMMAND_FAULT_LOST_COMMITS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub command_fault_lost_commits: u32,
+
+    /// Fault injection for tests: this many checks of a lost commit fail as if the store
+    /// could not be read. 0 disables it.
+    #[arg(
+        long,
+        env = "COMMAND_FAULT_FAILED_CHECKS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub command_fault_failed_checks: u32,
+
     /// Most aggregates kept in memory per aggregate type (their state is re-read from the
     /// store when evicted or found stale).
     #[arg(long, env = "COMMAND_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -109,6 +134,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.settings.snapshot_every, 100);
+        assert_eq!(cli.settings.command_queue_max, 512);
         assert_eq!(
             cli.settings.idempotency_retention,
             Duration::from_secs(86_400)

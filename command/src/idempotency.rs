@@ -4,12 +4,61 @@
 //! request's events) or by [`record_refusal`] (a request refused by a domain rule appends
 //! nothing). Either way the first claim wins and every later request with the key gets the
 //! first one's answer, or a 422 when its fingerprint differs.
+//!
+//! Keys are scoped per client ([`ClientKey`]): the same key sent with two API keys is two
+//! keys, and one client never sees another's answer (ADR 0012).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use ledger_events::Metadata;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The one scope of every request when the API runs without authentication.
+pub const ANONYMOUS_SCOPE: &str = "anonymous";
+/// The scope of keys stored before keys were scoped (migration `..._idempotency_key_scopes`),
+/// and of events whose metadata names no scope.
+pub const LEGACY_SCOPE: &str = "legacy";
+
+/// The scope of a request authenticated by the API key `api_key`, or of an unauthenticated
+/// one (`None`, `AUTH_MODE=disabled`).
+pub fn client_scope(api_key: Option<Uuid>) -> String {
+    api_key.map_or_else(|| ANONYMOUS_SCOPE.to_owned(), |id| format!("key:{id}"))
+}
+
+/// An `Idempotency-Key` as the client that sent it owns it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// Whose key it is ([`client_scope`]).
+    pub scope: String,
+    /// The key as sent.
+    pub key: String,
+}
+
+impl ClientKey {
+    /// `key` in `scope`.
+    pub fn new(scope: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            scope: scope.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The key events with `metadata` claim, in the scope the trigger on `events` uses
+    /// (metadata without a scope claims in [`LEGACY_SCOPE`]).
+    pub fn of(metadata: &Metadata) -> Option<Self> {
+        metadata.idempotency_key.as_ref().map(|key| {
+            let scope = metadata
+                .idempotency_scope
+                .as_deref()
+                .unwrap_or(LEGACY_SCOPE);
+            Self::new(scope, key.clone())
+        })
+    }
+}
 
 /// The answer given to a request, kept so duplicates get the same one.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +72,8 @@ pub struct StoredResponse {
 /// What is known about a key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyRecord {
+    /// The key as stored: the client's own, or a legacy key with the same request.
+    pub key: ClientKey,
     /// Fingerprint of the request that first used the key.
     pub request_hash: String,
     /// For a key claimed by appended events: the aggregate and its last event under the key.
@@ -57,6 +108,7 @@ pub fn fingerprint(method: &str, path: &str, body: &Value) -> String {
 /// One row of `idempotency_keys`, as read.
 #[derive(sqlx::FromRow)]
 struct KeyRow {
+    client_scope: String,
     request_hash: String,
     aggregate_id: Option<String>,
     last_sequence: Option<i64>,
@@ -65,18 +117,31 @@ struct KeyRow {
     response_body: Option<Value>,
 }
 
-/// The record for `key`, if the key was used.
-pub async fn find(pool: &PgPool, key: &str) -> Result<Option<KeyRecord>, sqlx::Error> {
+/// The record for `key`, if its client used it; failing that, a legacy key (stored before
+/// keys were scoped, so of unknown client) used with the same request `request_hash`, which
+/// is this client retrying across the upgrade or a request identical in every byte.
+pub async fn find(
+    pool: &PgPool,
+    key: &ClientKey,
+    request_hash: &str,
+) -> Result<Option<KeyRecord>, sqlx::Error> {
     let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT request_hash, aggregate_id, last_sequence, last_position,
+        "SELECT client_scope, request_hash, aggregate_id, last_sequence, last_position,
                 response_status, response_body
            FROM idempotency_keys
-          WHERE idempotency_key = $1",
+          WHERE idempotency_key = $1
+            AND (client_scope = $2 OR (client_scope = $3 AND request_hash = $4))
+          ORDER BY client_scope = $3
+          LIMIT 1",
     )
-    .bind(key)
+    .bind(&key.key)
+    .bind(&key.scope)
+    .bind(LEGACY_SCOPE)
+    .bind(request_hash)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|row| KeyRecord {
+        key: ClientKey::new(row.client_scope, key.key.clone()),
         request_hash: row.request_hash,
         appended: match (row.aggregate_id, row.last_sequence, row.last_position) {
             (Some(aggregate_id), Some(last_sequence), Some(last_position)) => Some(Appended {
@@ -96,27 +161,58 @@ pub async fn find(pool: &PgPool, key: &str) -> Result<Option<KeyRecord>, sqlx::E
     }))
 }
 
-/// Whether `key` has been claimed (by committed events or a stored refusal).
-pub async fn is_claimed(pool: &PgPool, key: &str) -> Result<bool, sqlx::Error> {
-    let found: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM idempotency_keys WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(pool)
-            .await?;
+/// Whether `key` has been claimed in its scope (by committed events or a stored refusal).
+pub async fn is_claimed(pool: &PgPool, key: &ClientKey) -> Result<bool, sqlx::Error> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM idempotency_keys WHERE idempotency_key = $1 AND client_scope = $2",
+    )
+    .bind(&key.key)
+    .bind(&key.scope)
+    .fetch_optional(pool)
+    .await?;
     Ok(found.is_some())
+}
+
+/// Which of `keys` are claimed (one query for a whole batch).
+pub async fn claimed_among(
+    pool: &PgPool,
+    keys: &[ClientKey],
+) -> Result<HashSet<ClientKey>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let (names, scopes): (Vec<&str>, Vec<&str>) = keys
+        .iter()
+        .map(|k| (k.key.as_str(), k.scope.as_str()))
+        .unzip();
+    let claimed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT k.idempotency_key, k.client_scope
+           FROM idempotency_keys k
+           JOIN unnest($1::text[], $2::text[]) AS w(idempotency_key, client_scope)
+          USING (idempotency_key, client_scope)",
+    )
+    .bind(&names)
+    .bind(&scopes)
+    .fetch_all(pool)
+    .await?;
+    Ok(claimed
+        .into_iter()
+        .map(|(key, scope)| ClientKey::new(scope, key))
+        .collect())
 }
 
 /// Stores the answer for a key claimed by appended events (first answer wins).
 pub async fn save_response(
     pool: &PgPool,
-    key: &str,
+    key: &ClientKey,
     response: &StoredResponse,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $2, response_body = $3
-          WHERE idempotency_key = $1 AND response_status IS NULL",
+        "UPDATE idempotency_keys SET response_status = $3, response_body = $4
+          WHERE idempotency_key = $1 AND client_scope = $2 AND response_status IS NULL",
     )
-    .bind(key)
+    .bind(&key.key)
+    .bind(&key.scope)
     .bind(i16::try_from(response.status).unwrap_or(500))
     .bind(&response.body)
     .execute(pool)
@@ -125,19 +221,21 @@ pub async fn save_response(
 }
 
 /// Claims `key` for a refused request with its answer. `false` when the key was claimed
-/// first by another request (whose answer then stands).
+/// first by another request of the same client (whose answer then stands).
 pub async fn record_refusal(
     pool: &PgPool,
-    key: &str,
+    key: &ClientKey,
     request_hash: &str,
     response: &StoredResponse,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+        "INSERT INTO idempotency_keys (idempotency_key, client_scope, request_hash,
+                                       response_status, response_body)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key, client_scope) DO NOTHING",
     )
-    .bind(key)
+    .bind(&key.key)
+    .bind(&key.scope)
     .bind(request_hash)
     .bind(i16::try_from(response.status).unwrap_or(500))
     .bind(&response.body)

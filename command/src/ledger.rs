@@ -62,6 +62,14 @@ pub enum LedgerError<E: std::error::Error = crate::domain::AccountError> {
     /// Every attempt lost the race for the aggregate's next version.
     #[error("concurrent updates to the aggregate; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
+    /// The writer's queue was full: the command was refused before it was queued, and
+    /// nothing was written.
+    #[error("the command queue is full ({queue_max} commands waiting); nothing was queued")]
+    Overloaded { queue_max: usize },
+    /// The connection was lost while the command's events were being committed, and the
+    /// store could not be read to find out whether they were: they may or may not be in.
+    #[error("the outcome of the commit is unknown: the connection was lost and the store could not be read")]
+    OutcomeUnknown,
     /// PostgreSQL is unreachable or saturated.
     #[error("the event store is unavailable: {0}")]
     Unavailable(String),
@@ -165,8 +173,8 @@ where
                 .await
             {
                 Err(LedgerError::Conflict { .. }) => {
-                    if let Some(key) = &intent.metadata.idempotency_key {
-                        if idempotency::is_claimed(&self.pool, key)
+                    if let Some(key) = idempotency::ClientKey::of(&intent.metadata) {
+                        if idempotency::is_claimed(&self.pool, &key)
                             .await
                             .map_err(sql_error)?
                         {

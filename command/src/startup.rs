@@ -48,6 +48,9 @@ impl Application {
             batch_max: usize::from(settings.command_batch_max),
             cache_capacity: settings.command_cache_capacity,
             snapshot_every: i64::try_from(settings.snapshot_every).unwrap_or(i64::MAX),
+            queue_max: usize::try_from(settings.command_queue_max).unwrap_or(usize::MAX),
+            fault_lost_commits: settings.command_fault_lost_commits,
+            fault_failed_checks: settings.command_fault_failed_checks,
         };
         let router = http::router(
             AppState {

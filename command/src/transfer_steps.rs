@@ -1,6 +1,8 @@
 //! SQL for the `transfer_steps` table: which event took each money-moving step of a
 //! transfer. Claimed only by the trigger on `events` (migration `..._transfers.sql`).
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -30,4 +32,25 @@ pub async fn find(pool: &PgPool, step: &str) -> Result<Option<StepClaim>, sqlx::
     .bind(step)
     .fetch_optional(pool)
     .await
+}
+
+/// Who took each of `steps` that is taken (one query for a whole batch), by step.
+pub async fn find_many(
+    pool: &PgPool,
+    steps: &[String],
+) -> Result<HashMap<String, StepClaim>, sqlx::Error> {
+    if steps.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let claims: Vec<StepClaim> = sqlx::query_as(
+        "SELECT step, aggregate_type, aggregate_id, event_type, payload, global_position
+           FROM transfer_steps WHERE step = ANY($1)",
+    )
+    .bind(steps)
+    .fetch_all(pool)
+    .await?;
+    Ok(claims
+        .into_iter()
+        .map(|claim| (claim.step.clone(), claim))
+        .collect())
 }

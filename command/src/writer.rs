@@ -21,11 +21,28 @@
 //!   version first (one query for the batch), so a stale cache never refuses a command the
 //!   real state would accept.
 //!
+//! When the connection is lost while a batch statement runs, its outcome is found out from
+//! the store (the batch's rows by `command_id`) before anyone is answered: committed
+//! batches get their real answers, "nothing was written" is said only when the store shows
+//! it, and when the store cannot be read the commands are told their outcome is unknown
+//! ([`LedgerError::OutcomeUnknown`]) and their aggregates are forgotten, so the next
+//! command on them is decided on what the store holds (ADR 0012).
+//!
+//! The queue in front of each writer is bounded: a command that finds it full is refused at
+//! once ([`LedgerError::Overloaded`]), before anything is queued. A command whose caller has
+//! gone (request timeout, dropped connection) before the writer took it into a batch is
+//! dropped, never committed; once taken, it is committed and its outcome recorded as usual.
+//!
 //! Idempotency keys and transfer steps are still claimed by the triggers on `events`, in
 //! the same statement. Two commands of one batch never carry the same key or step: the
-//! second waits for the next batch, where the trigger treats it like any duplicate.
+//! second waits for the next batch, where the trigger treats it like any duplicate. When a
+//! batch fails on a conflict, the writer first reads which of its keys and steps other
+//! transactions have claimed, answers those commands alone (`KeyTaken`, `StepTaken`) and
+//! commits the rest together. An aggregate whose snapshot or events cannot be read fails
+//! its own commands only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
@@ -37,7 +54,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::domain::Decider;
+use crate::idempotency::{self, ClientKey};
 use crate::ledger::{LedgerError, Outcome};
+use crate::transfer_steps;
 
 /// How the writers of one aggregate type are sized.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +69,15 @@ pub struct WriterConfig {
     pub cache_capacity: u64,
     /// A snapshot is written when an aggregate's version crosses a multiple of this.
     pub snapshot_every: i64,
+    /// Most commands waiting for one writer (besides the batch it is committing); more are
+    /// refused with [`LedgerError::Overloaded`].
+    pub queue_max: usize,
+    /// Fault injection for tests: this many batch statements commit and are then reported
+    /// as a lost connection. 0 in production.
+    pub fault_lost_commits: u32,
+    /// Fault injection for tests: this many checks of a lost commit fail as if the store
+    /// could not be read. 0 in production.
+    pub fault_failed_checks: u32,
 }
 
 impl Default for WriterConfig {
@@ -59,6 +87,9 @@ impl Default for WriterConfig {
             batch_max: 256,
             cache_capacity: 100_000,
             snapshot_every: 100,
+            queue_max: 512,
+            fault_lost_commits: 0,
+            fault_failed_checks: 0,
         }
     }
 }
@@ -76,11 +107,9 @@ struct Job<A: Decider> {
 impl<A: Decider> Job<A> {
     /// What must not appear twice in one batch: the idempotency key and the transfer step.
     fn claims(&self) -> impl Iterator<Item = String> + '_ {
-        let key = self
-            .metadata
-            .idempotency_key
-            .as_ref()
-            .map(|k| format!("k:{k}"));
+        // The key in its client's scope, as the trigger claims it (keys are visible ASCII,
+        // so a newline cannot occur in one).
+        let key = ClientKey::of(&self.metadata).map(|k| format!("k:{}\n{}", k.scope, k.key));
         let step = self
             .metadata
             .transfer_step
@@ -92,7 +121,7 @@ impl<A: Decider> Job<A> {
 
 /// The writers of aggregate type `A`.
 pub(crate) struct Writers<A: Decider> {
-    queues: Vec<mpsc::UnboundedSender<Job<A>>>,
+    queues: Vec<mpsc::Sender<Job<A>>>,
 }
 
 impl<A: Decider> std::fmt::Debug for Writers<A> {
@@ -114,15 +143,21 @@ where
         let writers = config.writers.max(1);
         let capacity = (config.cache_capacity / writers as u64).max(1);
         let upcasters: Arc<[Box<dyn EventUpcaster>]> = ledger_events::upcast::upcasters().into();
+        let queue_max = config.queue_max.max(1);
+        let faults = Arc::new(Faults {
+            lost_commits: AtomicU32::new(config.fault_lost_commits),
+            failed_checks: AtomicU32::new(config.fault_failed_checks),
+        });
         let queues = (0..writers)
             .map(|_| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(queue_max);
                 let writer = Writer::<A> {
                     pool: pool.clone(),
                     cache: moka::sync::Cache::new(capacity),
                     upcasters: upcasters.clone(),
                     batch_max: config.batch_max.max(1),
                     snapshot_every: config.snapshot_every.max(1),
+                    faults: faults.clone(),
                 };
                 tokio::spawn(writer.run(rx));
                 tx
@@ -133,7 +168,9 @@ where
 
     /// Hands one command to its aggregate's writer and waits for the answer. A
     /// [`LedgerError::Conflict`] means the command lost a race with another process even
-    /// on fresh state and may be retried.
+    /// on fresh state and may be retried; [`LedgerError::Overloaded`] that the writer's
+    /// queue was full and the command was not queued. Dropping the returned future before
+    /// the writer takes the command into a batch withdraws it.
     pub(crate) async fn submit(
         &self,
         aggregate_id: Uuid,
@@ -149,8 +186,18 @@ where
             metadata,
             reply,
         };
-        if self.queues[shard].send(job).is_err() {
-            return Err(LedgerError::Internal("the writer has stopped".into()));
+        match self.queues[shard].try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("ledger_command_overloaded_total", "aggregate_type" => A::TYPE)
+                    .increment(1);
+                return Err(LedgerError::Overloaded {
+                    queue_max: self.queues[shard].max_capacity(),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(LedgerError::Internal("the writer has stopped".into()));
+            }
         }
         answer
             .await
@@ -187,6 +234,9 @@ struct Rows {
     event_versions: Vec<String>,
     payloads: Vec<String>,
     metadata: Vec<String>,
+    /// The command attempt of each row (also in its metadata): proof that a row found in
+    /// the store is this batch's, not another writer's at the same sequence.
+    command_ids: Vec<String>,
     snapshot_ids: Vec<String>,
     snapshot_sequences: Vec<i64>,
     snapshot_payloads: Vec<String>,
@@ -235,7 +285,12 @@ impl Failure {
     fn answer<E: std::error::Error>(&self) -> LedgerError<E> {
         match self {
             Self::Conflict => LedgerError::Conflict { attempts: 1 },
-            Self::Database(err) if ledger_platform::db::is_unavailable(err) => {
+            Self::Database(err)
+                if ledger_platform::db::is_unavailable(err)
+                    || err
+                        .as_database_error()
+                        .is_some_and(|db| session_ended(db.code().as_deref())) =>
+            {
                 LedgerError::Unavailable(err.to_string())
             }
             Self::Database(err) => LedgerError::Internal(err.to_string()),
@@ -250,6 +305,7 @@ struct Writer<A: Decider> {
     upcasters: Arc<[Box<dyn EventUpcaster>]>,
     batch_max: usize,
     snapshot_every: i64,
+    faults: Arc<Faults>,
 }
 
 impl<A> Writer<A>
@@ -257,7 +313,7 @@ where
     A: Decider,
     A::Error: std::error::Error,
 {
-    async fn run(self, mut queue: mpsc::UnboundedReceiver<Job<A>>) {
+    async fn run(self, mut queue: mpsc::Receiver<Job<A>>) {
         let mut held: VecDeque<Job<A>> = VecDeque::new();
         loop {
             let mut taken: Vec<Job<A>> = held.drain(..).collect();
@@ -275,15 +331,27 @@ where
             }
             let mut claimed = HashSet::new();
             let mut batch = Vec::with_capacity(taken.len());
+            let mut abandoned = 0u64;
             for job in taken {
-                if job.claims().all(|claim| !claimed.contains(&claim)) {
+                if job.reply.is_closed() {
+                    // Its caller has gone (timed out, disconnected) before the command
+                    // started: nobody will learn of it, so it is not carried out.
+                    abandoned += 1;
+                } else if job.claims().all(|claim| !claimed.contains(&claim)) {
                     claimed.extend(job.claims());
                     batch.push(job);
                 } else {
                     held.push_back(job);
                 }
             }
-            self.commit(batch).await;
+            if abandoned > 0 {
+                tracing::debug!(abandoned, "commands whose callers have gone were dropped");
+                metrics::counter!("ledger_command_abandoned_total", "aggregate_type" => A::TYPE)
+                    .increment(abandoned);
+            }
+            if !batch.is_empty() {
+                self.commit(batch).await;
+            }
         }
     }
 
@@ -291,13 +359,19 @@ where
     /// has been forgotten: it is decided again on fresh state (one load for all) and
     /// committed once more; if that fails too, each command is committed alone, so that
     /// only the command that really lost is told so.
-    async fn commit(&self, jobs: Vec<Job<A>>) {
+    async fn commit(&self, mut jobs: Vec<Job<A>>) {
         metrics::histogram!("ledger_command_batch_size", "aggregate_type" => A::TYPE)
             .record(jobs.len() as f64);
         let mut result = self.try_commit(&jobs).await;
         if matches!(result, Err(Failure::Conflict)) && jobs.len() > 1 {
             metrics::counter!("ledger_command_batch_conflicts_total", "aggregate_type" => A::TYPE)
                 .increment(1);
+            // A key or step another transaction claimed fails its own command only; the
+            // rest of the batch is committed together.
+            jobs = self.answer_claimed_elsewhere(jobs).await;
+            if jobs.is_empty() {
+                return;
+            }
             result = self.try_commit(&jobs).await;
         }
         match result {
@@ -319,6 +393,51 @@ where
         }
     }
 
+    /// Answers the jobs whose idempotency key or transfer step another transaction has
+    /// claimed (`KeyTaken`, `StepTaken`) and returns the others. When the claims cannot be
+    /// read, every job is returned: the one-by-one fallback still sorts them out.
+    async fn answer_claimed_elsewhere(&self, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
+        let keys: Vec<ClientKey> = jobs
+            .iter()
+            .filter_map(|job| ClientKey::of(&job.metadata))
+            .collect();
+        let steps: Vec<String> = jobs
+            .iter()
+            .filter_map(|job| job.metadata.transfer_step.clone())
+            .collect();
+        if keys.is_empty() && steps.is_empty() {
+            return jobs;
+        }
+        let claimed = async {
+            let keys = idempotency::claimed_among(&self.pool, &keys).await?;
+            let steps = transfer_steps::find_many(&self.pool, &steps).await?;
+            Ok::<_, sqlx::Error>((keys, steps))
+        };
+        let (keys, mut steps) = match claimed.await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the claims of a conflicting batch");
+                return jobs;
+            }
+        };
+        let mut kept = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let step = job
+                .metadata
+                .transfer_step
+                .as_ref()
+                .and_then(|step| steps.remove(step));
+            if let Some(claim) = step {
+                let _ = job.reply.send(Err(LedgerError::StepTaken(Box::new(claim))));
+            } else if ClientKey::of(&job.metadata).is_some_and(|key| keys.contains(&key)) {
+                let _ = job.reply.send(Err(LedgerError::KeyTaken));
+            } else {
+                kept.push(job);
+            }
+        }
+        kept
+    }
+
     /// Decides every job in order and appends their events in one statement. On any
     /// failure nothing is written and every aggregate of the batch is forgotten.
     async fn try_commit(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
@@ -334,6 +453,8 @@ where
     async fn decide_and_append(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
         // Aggregates read from the store during this batch (or confirmed current).
         let mut fresh: HashSet<Uuid> = HashSet::new();
+        // Aggregates that could not be read, with the reason: only their commands fail.
+        let mut broken: HashMap<Uuid, String> = HashMap::new();
         let mut base: HashMap<Uuid, Entry<A>> = HashMap::new();
         for job in jobs {
             if let std::collections::hash_map::Entry::Vacant(slot) = base.entry(job.aggregate_id) {
@@ -348,21 +469,26 @@ where
             let missing: Vec<Uuid> = jobs
                 .iter()
                 .map(|job| job.aggregate_id)
-                .filter(|id| !base.contains_key(id))
+                .filter(|id| !base.contains_key(id) && !broken.contains_key(id))
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
             if !missing.is_empty() {
                 metrics::counter!("ledger_command_cache_misses_total", "aggregate_type" => A::TYPE)
                     .increment(missing.len() as u64);
-                let mut loaded = self.load(&missing).await?;
+                let (mut loaded, unreadable) = self.load(&missing).await?;
                 for id in missing {
+                    if let Some(reason) = unreadable.get(&id) {
+                        tracing::error!(aggregate_type = A::TYPE, aggregate_id = %id, %reason, "an aggregate cannot be read; its commands fail");
+                        broken.insert(id, reason.clone());
+                        continue;
+                    }
                     base.insert(id, loaded.remove(&id).unwrap_or_default());
                     fresh.insert(id);
                 }
             }
 
-            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh)?;
+            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh, &broken)?;
             if !unconfirmed.is_empty() {
                 let stale = self.stale(&unconfirmed, &base).await?;
                 fresh.extend(unconfirmed);
@@ -377,7 +503,16 @@ where
             if rows.sequences.is_empty() {
                 return Ok(decisions.into_iter().map(Decision::into_reply).collect());
             }
-            let positions = self.append(&rows).await?;
+            let positions = match self.append(&rows).await {
+                Ok(positions) => positions,
+                Err(Failure::Database(err)) if commit_unknown(&err) => {
+                    match self.find_out(&rows, err).await? {
+                        Some(positions) => positions,
+                        None => return Ok(self.outcome_unknown(jobs, decisions, &rows)),
+                    }
+                }
+                Err(failure) => return Err(failure),
+            };
             return decisions
                 .into_iter()
                 .map(|decision| match decision {
@@ -422,6 +557,7 @@ where
         jobs: &[Job<A>],
         base: &HashMap<Uuid, Entry<A>>,
         fresh: &HashSet<Uuid>,
+        broken: &HashMap<Uuid, String>,
     ) -> Result<(Vec<Decision<A>>, Rows, HashSet<Uuid>), Failure> {
         let mut working: HashMap<Uuid, Entry<A>> = HashMap::new();
         let mut rows = Rows::default();
@@ -429,6 +565,10 @@ where
         let mut unconfirmed = HashSet::new();
         for job in jobs {
             let id = job.aggregate_id;
+            if let Some(reason) = broken.get(&id) {
+                decisions.push(Decision::Done(Err(LedgerError::Internal(reason.clone()))));
+                continue;
+            }
             let entry = working
                 .entry(id)
                 .or_insert_with(|| base.get(&id).cloned().unwrap_or_default());
@@ -461,7 +601,7 @@ where
             metadata
                 .causation_id
                 .get_or_insert_with(|| command_id.clone());
-            metadata.command_id = Some(command_id);
+            metadata.command_id = Some(command_id.clone());
             let metadata = serde_json::to_string(&metadata.to_map())
                 .map_err(|err| Failure::Corrupt(format!("metadata: {err}")))?;
             let before = entry.version;
@@ -476,6 +616,7 @@ where
                         .map_err(|err| Failure::Corrupt(format!("event: {err}")))?,
                 );
                 rows.metadata.push(metadata.clone());
+                rows.command_ids.push(command_id.clone());
                 entry.state.fold(event);
             }
             if before / self.snapshot_every != entry.version / self.snapshot_every {
@@ -499,7 +640,13 @@ where
     }
 
     /// Loads aggregates from their latest snapshot and the events after it, in one query.
-    async fn load(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Entry<A>>, Failure> {
+    /// An aggregate whose snapshot or an event cannot be read is returned apart, with the
+    /// reason, so that it fails only its own commands.
+    #[allow(clippy::type_complexity)]
+    async fn load(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<(HashMap<Uuid, Entry<A>>, HashMap<Uuid, String>), Failure> {
         let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let rows: Vec<LoadRow> = sqlx::query_as(
             "SELECT w.aggregate_id,
@@ -523,25 +670,36 @@ where
         .await?;
 
         let mut loaded: HashMap<Uuid, Entry<A>> = HashMap::new();
+        let mut unreadable: HashMap<Uuid, String> = HashMap::new();
         for row in rows {
             let id = Uuid::parse_str(&row.aggregate_id)
                 .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))?;
+            if unreadable.contains_key(&id) {
+                continue;
+            }
             let entry = loaded.entry(id).or_default();
-            if let Some(snapshot) = row.snapshot {
-                entry.state = serde_json::from_value(snapshot)
-                    .map_err(|err| Failure::Corrupt(format!("snapshot of {id}: {err}")))?;
+            let read = if let Some(snapshot) = row.snapshot.clone() {
+                serde_json::from_value(snapshot)
+                    .map(|state| entry.state = state)
+                    .map_err(|err| format!("snapshot of {id}: {err}"))
             } else if row.snapshot_sequence != Some(row.sequence) {
-                let event = self.event(&row)?;
-                entry.state.fold(&event);
+                self.event(&row).map(|event| entry.state.fold(&event))
+            } else {
+                Ok(())
+            };
+            if let Err(reason) = read {
+                loaded.remove(&id);
+                unreadable.insert(id, reason);
+                continue;
             }
             entry.version = row.sequence;
             entry.position = row.global_position;
         }
-        Ok(loaded)
+        Ok((loaded, unreadable))
     }
 
     /// Reads one stored event through the contract's upcasters.
-    fn event(&self, row: &LoadRow) -> Result<A::Event, Failure> {
+    fn event(&self, row: &LoadRow) -> Result<A::Event, String> {
         let serialized = SerializedEvent::new(
             row.aggregate_id.clone(),
             usize::try_from(row.sequence).unwrap_or_default(),
@@ -558,12 +716,8 @@ where
                 event
             }
         });
-        serde_json::from_value(upcast.payload).map_err(|err| {
-            Failure::Corrupt(format!(
-                "event {} of {}: {err}",
-                row.sequence, row.aggregate_id
-            ))
-        })
+        serde_json::from_value(upcast.payload)
+            .map_err(|err| format!("event {} of {}: {err}", row.sequence, row.aggregate_id))
     }
 
     /// The aggregates of `ids` whose stored version differs from the cached one.
@@ -591,6 +745,108 @@ where
                 base.get(id).map_or(0, |entry| entry.version) != stored
             })
             .copied()
+            .collect())
+    }
+
+    /// After the batch statement failed in a way that may have come after its commit (the
+    /// connection was lost): reads whether the batch's rows are in the store. One statement
+    /// is one transaction, so they all are (`Some`: the positions, answered as a success) or
+    /// none is (the original error: nothing was written). `None` when the store cannot be
+    /// read either: the outcome is unknown.
+    async fn find_out(
+        &self,
+        rows: &Rows,
+        lost: sqlx::Error,
+    ) -> Result<Option<HashMap<(Uuid, i64), i64>>, Failure> {
+        tracing::warn!(error = %lost, events = rows.sequences.len(), "connection lost during a batch commit; reading the store to find out whether it committed");
+        let check = if self.faults.take_failed_check() {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "fault injection: the store cannot be read after a lost commit",
+            )))
+        } else {
+            self.committed(rows).await
+        };
+        match check {
+            Ok(found) if found.len() == rows.sequences.len() => {
+                tracing::warn!(
+                    events = found.len(),
+                    "the batch had committed; answering its real outcome"
+                );
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "committed")
+                    .increment(1);
+                Ok(Some(found))
+            }
+            Ok(found) if found.is_empty() => {
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "not_committed")
+                    .increment(1);
+                Err(Failure::Database(lost))
+            }
+            Ok(found) => Err(Failure::Corrupt(format!(
+                "{} of {} events of one batch statement are in the store",
+                found.len(),
+                rows.sequences.len()
+            ))),
+            Err(check) => {
+                tracing::error!(error = %lost, check_error = %check, "the outcome of a batch commit is unknown");
+                metrics::counter!("ledger_command_lost_commits_total", "aggregate_type" => A::TYPE, "outcome" => "unknown")
+                    .increment(1);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The answers of a batch whose commit could not be confirmed nor ruled out: every
+    /// command on an aggregate the batch wrote to is told its outcome is unknown (a refusal
+    /// there was decided on state that may not exist); the others keep their answers. The
+    /// aggregates written to are forgotten, so the next command on them is decided on what
+    /// the store holds.
+    fn outcome_unknown(
+        &self,
+        jobs: &[Job<A>],
+        decisions: Vec<Decision<A>>,
+        rows: &Rows,
+    ) -> Vec<Reply<A>> {
+        let touched: HashSet<&str> = rows.aggregate_ids.iter().map(String::as_str).collect();
+        for job in jobs {
+            self.cache.invalidate(&job.aggregate_id);
+        }
+        jobs.iter()
+            .zip(decisions)
+            .map(|(job, decision)| match decision {
+                Decision::Done(reply)
+                    if !touched.contains(job.aggregate_id.to_string().as_str()) =>
+                {
+                    reply
+                }
+                _ => Err(LedgerError::OutcomeUnknown),
+            })
+            .collect()
+    }
+
+    /// The positions of `rows` that are in the store, written by this batch's commands.
+    async fn committed(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, sqlx::Error> {
+        let found: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT e.aggregate_id, e.sequence, e.global_position
+               FROM unnest($2::text[], $3::bigint[], $4::text[])
+                    AS w(aggregate_id, sequence, command_id)
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = w.aggregate_id
+                AND e.sequence = w.sequence AND e.metadata ->> 'command_id' = w.command_id",
+        )
+        .bind(A::TYPE)
+        .bind(&rows.aggregate_ids)
+        .bind(&rows.sequences)
+        .bind(&rows.command_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, sequence, position)| {
+                Uuid::parse_str(&id)
+                    .ok()
+                    .map(|id| ((id, sequence), position))
+            })
             .collect())
     }
 
@@ -645,6 +901,12 @@ where
         .bind(&rows.snapshot_payloads)
         .fetch_all(&self.pool)
         .await?;
+        if self.faults.take_lost_commit() {
+            return Err(Failure::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fault injection: connection lost after the batch committed",
+            ))));
+        }
         metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
             .increment(appended.len() as u64);
         appended
@@ -697,6 +959,51 @@ fn dedup_snapshots(rows: &mut Rows) {
         .iter()
         .map(|&i| rows.snapshot_payloads[i].clone())
         .collect();
+}
+
+/// Whether a failed batch statement may nonetheless have committed: the connection failed
+/// while it ran, so PostgreSQL's answer (which would say) was lost, or the server ended the
+/// session (`08…`, `57P01`–`57P03`), which it may do just after a commit. Any other error
+/// PostgreSQL sent means the statement's transaction was rolled back; a pool error means the
+/// statement was never sent.
+fn commit_unknown(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => session_ended(db.code().as_deref()),
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => false,
+        _ => true,
+    }
+}
+
+/// Whether an SQLSTATE says the server ended the session (connection exception, shutdown,
+/// or the backend was terminated).
+fn session_ended(code: Option<&str>) -> bool {
+    code.is_some_and(|code| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03"))
+}
+
+/// Faults injected by tests through hidden settings: each counter is how many more times
+/// the fault happens. All zero in production.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Batch statements that commit and are then reported as a lost connection.
+    lost_commits: AtomicU32,
+    /// Checks of a lost commit that fail as if the store could not be read.
+    failed_checks: AtomicU32,
+}
+
+impl Faults {
+    fn take(counter: &AtomicU32) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn take_lost_commit(&self) -> bool {
+        Self::take(&self.lost_commits)
+    }
+
+    fn take_failed_check(&self) -> bool {
+        Self::take(&self.failed_checks)
+    }
 }
 
 fn answer<A: Decider>(jobs: Vec<Job<A>>, replies: Vec<Reply<A>>) {

@@ -25,6 +25,11 @@ pub struct Metadata {
     /// The client's `Idempotency-Key`, when it sent one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Whose keys `idempotency_key` is among: `key:<API key id>`, or `anonymous` when the
+    /// command API runs without authentication. The same key from two clients is two keys.
+    /// Events written before scopes existed have none (the `legacy` scope).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_scope: Option<String>,
     /// Fingerprint of the request the key was first used with (method, path, body).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_hash: Option<String>,
@@ -50,6 +55,7 @@ impl Metadata {
             ("correlation_id", &self.correlation_id),
             ("causation_id", &self.causation_id),
             ("idempotency_key", &self.idempotency_key),
+            ("idempotency_scope", &self.idempotency_scope),
             ("request_hash", &self.request_hash),
             ("command_id", &self.command_id),
             ("transfer_step", &self.transfer_step),
@@ -77,6 +83,7 @@ impl Metadata {
             correlation_id: map.remove("correlation_id"),
             causation_id: map.remove("causation_id"),
             idempotency_key: map.remove("idempotency_key"),
+            idempotency_scope: map.remove("idempotency_scope"),
             request_hash: map.remove("request_hash"),
             command_id: map.remove("command_id"),
             transfer_step: map.remove("transfer_step"),
@@ -126,6 +133,7 @@ mod tests {
             correlation_id: Some("corr-1".into()),
             causation_id: None,
             idempotency_key: Some("key-1".into()),
+            idempotency_scope: Some("anonymous".into()),
             request_hash: None,
             command_id: Some("cmd-1".into()),
             transfer_step: Some("t/debit".into()),

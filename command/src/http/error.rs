@@ -39,6 +39,13 @@ pub enum ApiError {
     /// Concurrent commands on the account kept winning: 409.
     #[error("concurrent updates to the account; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
+    /// The writer's queue is full: 503 with `Retry-After`; nothing was queued or written.
+    #[error("the command queue is full ({queue_max} commands waiting)")]
+    Overloaded { queue_max: usize },
+    /// The commit's outcome is unknown (connection lost, store unreadable): 503, never
+    /// "nothing was written".
+    #[error("the outcome of the commit is unknown")]
+    OutcomeUnknown,
     /// PostgreSQL is unavailable: 503.
     #[error("{0}")]
     Unavailable(String),
@@ -102,6 +109,24 @@ impl ApiError {
                 "Concurrent update",
                 format!("the account was changed concurrently {attempts} times in a row; nothing was written, retry the request"),
             ),
+            Self::Overloaded { queue_max } => {
+                tracing::warn!(queue_max, "command queue full; request refused");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "Overloaded",
+                    "the service has more commands waiting than it accepts; nothing was queued or written, retry after the Retry-After delay",
+                )
+            }
+            Self::OutcomeUnknown => {
+                tracing::error!("answering a command whose commit outcome is unknown");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    "Outcome unknown",
+                    "the connection to the event store was lost while this command was being committed, so it may or may not have been carried out; retry with the same Idempotency-Key to learn its outcome (without a key, read the account before deciding to send it again)",
+                )
+            }
             Self::Unavailable(cause) => {
                 tracing::error!(%cause, "database unavailable");
                 Problem::unavailable("the event store is unavailable; nothing was written, retry later")
@@ -168,6 +193,8 @@ where
             LedgerError::StepTaken(claim) => {
                 Self::Internal(format!("an HTTP command met transfer step {}", claim.step))
             }
+            LedgerError::Overloaded { queue_max } => Self::Overloaded { queue_max },
+            LedgerError::OutcomeUnknown => Self::OutcomeUnknown,
             LedgerError::Unavailable(cause) => Self::Unavailable(cause),
             LedgerError::Internal(cause) => Self::Internal(cause),
         }

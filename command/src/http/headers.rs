@@ -1,11 +1,15 @@
 //! Request headers the command API reads: `Idempotency-Key`, `X-Correlation-Id` and the W3C
-//! `traceparent`, gathered with the request id into [`CommandHeaders`].
+//! `traceparent`, gathered with the request id and the client (the API key the auth guard
+//! verified) into [`CommandHeaders`].
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, StatusCode};
 use ledger_events::metadata::{is_valid_traceparent, new_traceparent};
+use ledger_platform::auth::ApiKey;
 use ledger_platform::http::{Problem, RequestId};
+
+use crate::idempotency;
 
 /// The header carrying the client's idempotency key.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -23,6 +27,9 @@ pub struct CommandHeaders {
     pub correlation_id: Option<String>,
     /// The client's idempotency key, if sent.
     pub idempotency_key: Option<String>,
+    /// Whose idempotency keys the request's key is among: its API key, or the one anonymous
+    /// scope when authentication is disabled (ADR 0012).
+    pub client_scope: String,
     /// The client's `traceparent` if valid, else a new trace.
     pub traceparent: String,
 }
@@ -42,10 +49,14 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
             .and_then(|v| v.to_str().ok())
             .filter(|v| is_valid_traceparent(v))
             .map_or_else(new_traceparent, str::to_owned);
+        // Set by the auth guard on every `/v1` route when API keys are required.
+        let client_scope =
+            idempotency::client_scope(parts.extensions.get::<ApiKey>().map(|k| k.id));
         Ok(Self {
             request_id,
             correlation_id,
             idempotency_key,
+            client_scope,
             traceparent,
         })
     }

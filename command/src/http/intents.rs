@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::headers::CommandHeaders;
 use crate::domain::Decider;
-use crate::idempotency::{self, StoredResponse};
+use crate::idempotency::{self, ClientKey, StoredResponse};
 use crate::ledger::{Intent, Ledger, LedgerError, Outcome};
 
 /// How many times a request re-reads its key after losing a race for it.
@@ -46,9 +46,12 @@ impl CommandRequest {
         }
     }
 
-    /// Its idempotency key.
-    pub fn key(&self) -> Option<&str> {
-        self.headers.idempotency_key.as_deref()
+    /// Its idempotency key, in its client's scope.
+    pub fn key(&self) -> Option<ClientKey> {
+        self.headers
+            .idempotency_key
+            .as_ref()
+            .map(|key| ClientKey::new(self.headers.client_scope.clone(), key.clone()))
     }
 
     /// The metadata its events carry.
@@ -63,6 +66,10 @@ impl CommandRequest {
                     .unwrap_or_else(|| headers.request_id.clone()),
             ),
             idempotency_key: headers.idempotency_key.clone(),
+            idempotency_scope: headers
+                .idempotency_key
+                .as_ref()
+                .map(|_| headers.client_scope.clone()),
             request_hash: headers
                 .idempotency_key
                 .as_ref()
@@ -105,7 +112,7 @@ where
     };
     let pool = ledger.pool();
     for _ in 0..KEY_RACE_ROUNDS {
-        if let Some(record) = idempotency::find(pool, key).await? {
+        if let Some(record) = idempotency::find(pool, &key, &request.fingerprint).await? {
             if record.request_hash != request.fingerprint {
                 return Err(ApiError::IdempotencyKeyReused);
             }
@@ -117,14 +124,14 @@ where
                 // is about to store it): the answer is derived from the events.
                 let outcome = ledger.outcome_at(&appended).await?;
                 let stored = success(&outcome);
-                idempotency::save_response(pool, key, &stored).await?;
+                idempotency::save_response(pool, &record.key, &stored).await?;
                 return Ok(render(&stored, true));
             }
         }
         match ledger.execute(intent.clone()).await {
             Ok(outcome) => {
                 let stored = success(&outcome);
-                if let Err(err) = idempotency::save_response(pool, key, &stored).await {
+                if let Err(err) = idempotency::save_response(pool, &key, &stored).await {
                     // The events are committed; a later duplicate derives the same answer.
                     tracing::warn!(error = %err, "could not store the idempotent response");
                 }
@@ -132,11 +139,16 @@ where
             }
             Err(LedgerError::Rejected(rule)) => {
                 let problem = ApiError::from(rule).problem();
+                if !is_remembered(problem.status) {
+                    // A refusal that only says "not now" (409 transfers_in_flight): the
+                    // key stays free, so a retry once the conflict is gone is carried out.
+                    return Err(ApiError::Problem(problem));
+                }
                 let stored = StoredResponse {
                     status: problem.status.as_u16(),
                     body: problem.body(),
                 };
-                if idempotency::record_refusal(pool, key, &request.fingerprint, &stored).await? {
+                if idempotency::record_refusal(pool, &key, &request.fingerprint, &stored).await? {
                     return Ok(render(&stored, false));
                 }
                 // Another request claimed the key meanwhile: its answer stands.
@@ -148,6 +160,13 @@ where
     Err(ApiError::Internal(format!(
         "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
     )))
+}
+
+/// Whether a refusal with `status` is the key's answer for good. A 409 is not: it reports a
+/// state that passes (a transfer in flight, a concurrent update), and retrying with the same
+/// key is how the client gets the real outcome (ADR 0002).
+fn is_remembered(status: StatusCode) -> bool {
+    status != StatusCode::CONFLICT
 }
 
 /// Renders a stored answer. The same function serves first answers and replays.

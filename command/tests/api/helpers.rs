@@ -158,6 +158,25 @@ impl TestApp {
         answer(request.send().await.expect("request sent")).await
     }
 
+    /// POSTs a JSON body as the client holding API key `token`, with optional Idempotency-Key.
+    pub async fn post_as(
+        &self,
+        token: &str,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> Answer {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        answer(request.send().await.expect("request sent")).await
+    }
+
     /// Sends a raw request.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
         answer(request.send().await.expect("request sent")).await

@@ -3,12 +3,15 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use ledger_command::domain::AccountCommand;
 use ledger_command::idempotency;
 use ledger_command::ledger::{Intent, Ledger, RetryPolicy};
-use ledger_events::Metadata;
+use ledger_events::{Amount, Metadata};
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_on};
+use ledger_platform::auth::{self, Scope};
+
+use crate::helpers::{spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_and_request_get_the_same_answer_and_one_set_of_events() {
@@ -110,13 +113,16 @@ async fn a_request_committed_before_the_process_died_is_answered_from_its_events
             },
             metadata: Metadata {
                 idempotency_key: Some("k-died".into()),
+                idempotency_scope: Some(idempotency::ANONYMOUS_SCOPE.into()),
                 request_hash: Some(idempotency::fingerprint("POST", &path, &body)),
                 ..Metadata::default()
             },
         })
         .await
         .unwrap();
-    let record = idempotency::find(&app.pool, "k-died")
+    let fingerprint = idempotency::fingerprint("POST", &path, &body);
+    let key = idempotency::ClientKey::new(idempotency::ANONYMOUS_SCOPE, "k-died");
+    let record = idempotency::find(&app.pool, &key, &fingerprint)
         .await
         .unwrap()
         .unwrap();
@@ -172,4 +178,130 @@ async fn a_malformed_idempotency_key_is_400() {
             .assert_problem(400, "invalid_idempotency_key");
     }
     assert_eq!(app.balance_from_events(id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_is_not_remembered_and_the_same_key_gets_the_real_outcome_once_the_conflict_is_gone()
+{
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    assert_eq!(app.deposit(id, 100, None).await.status, 200);
+    // A transfer leaves the account (as the process manager would send it): balance 0, one
+    // transfer in flight, so closing is a 409 until it settles.
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let transfer_id = uuid::Uuid::now_v7();
+    let account_command = |command| Intent {
+        aggregate_id: id,
+        command,
+        metadata: Metadata::default(),
+    };
+    ledger
+        .execute(account_command(AccountCommand::SendTransfer {
+            transfer_id,
+            to: uuid::Uuid::now_v7(),
+            amount: Amount::new(100).unwrap(),
+            currency: "EUR".parse().unwrap(),
+        }))
+        .await
+        .unwrap();
+    app.close(id, Some("k-close"))
+        .await
+        .assert_problem(409, "transfers_in_flight");
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_keys WHERE idempotency_key = 'k-close'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0, "the 409 was stored as the key's answer");
+
+    ledger
+        .execute(account_command(AccountCommand::SettleTransfer {
+            transfer_id,
+        }))
+        .await
+        .unwrap();
+    let closed = app.close(id, Some("k-close")).await;
+    assert_eq!(closed.status, 200, "{}", closed.text);
+    assert_eq!(closed.body["status"], "closed");
+    assert!(closed.headers.get("idempotent-replayed").is_none());
+    let replayed = app.close(id, Some("k-close")).await;
+    assert_eq!(replayed.body, closed.body);
+    assert_eq!(replayed.headers["idempotent-replayed"], "true");
+    let last = app.events_of(id).await.pop().unwrap();
+    assert_eq!(last.1, "AccountClosed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_from_two_api_keys_is_two_requests_and_no_client_sees_the_others_answer() {
+    let app = spawn_app_with(&["--auth-mode", "api-keys"]).await;
+    let a = auth::create(&app.pool, "client-a", &[Scope::Write])
+        .await
+        .unwrap()
+        .key;
+    let b = auth::create(&app.pool, "client-b", &[Scope::Write])
+        .await
+        .unwrap()
+        .key;
+    let open = json!({"owner": "alice", "currency": "EUR"});
+
+    let first_a = app.post_as(&a, "/v1/accounts", &open, Some("shared")).await;
+    assert_eq!(first_a.status, 201, "{}", first_a.text);
+    let first_b = app.post_as(&b, "/v1/accounts", &open, Some("shared")).await;
+    assert_eq!(first_b.status, 201, "{}", first_b.text);
+    assert!(
+        first_b.headers.get("idempotent-replayed").is_none(),
+        "client B was handed client A's answer: {}",
+        first_b.text
+    );
+    assert_ne!(first_b.account_id(), first_a.account_id());
+    assert_eq!(app.event_count().await, 2, "two requests, two accounts");
+
+    // Each client's retry gets its own first answer.
+    let again_a = app.post_as(&a, "/v1/accounts", &open, Some("shared")).await;
+    assert_eq!(again_a.body, first_a.body);
+    assert_eq!(again_a.headers["idempotent-replayed"], "true");
+    let again_b = app.post_as(&b, "/v1/accounts", &open, Some("shared")).await;
+    assert_eq!(again_b.body, first_b.body);
+    assert_eq!(again_b.headers["idempotent-replayed"], "true");
+
+    // Another request under a key the other client used is not a reuse: it is carried out.
+    let deposit = |amount: i64| json!({"amount": amount, "currency": "EUR"});
+    let path =
+        |answer: &crate::helpers::Answer| format!("/v1/accounts/{}/deposits", answer.account_id());
+    let paid_a = app
+        .post_as(&a, &path(&first_a), &deposit(300), Some("pay"))
+        .await;
+    assert_eq!(paid_a.status, 200, "{}", paid_a.text);
+    let paid_b = app
+        .post_as(&b, &path(&first_b), &deposit(5), Some("pay"))
+        .await;
+    assert_eq!(paid_b.status, 200, "{}", paid_b.text);
+    assert_eq!(paid_b.body["balance"], 5);
+    assert_eq!(app.balance_from_events(first_a.account_id()).await, 300);
+    assert_eq!(app.balance_from_events(first_b.account_id()).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stored_before_keys_were_scoped_answers_its_own_request_and_no_other() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    let first = app.deposit(id, 70, Some("k-legacy")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    // What the scoping migration leaves of a key stored before it.
+    sqlx::query("UPDATE idempotency_keys SET client_scope = 'legacy'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    // A retry across the upgrade is answered from the first attempt, not carried out twice.
+    let retried = app.deposit(id, 70, Some("k-legacy")).await;
+    assert_eq!(retried.body, first.body);
+    assert_eq!(retried.headers["idempotent-replayed"], "true");
+    assert_eq!(app.balance_from_events(id).await, 70);
+    // Another request under the key cannot be tied to the legacy key's client: carried out.
+    let other = app.deposit(id, 30, Some("k-legacy")).await;
+    assert_eq!(other.status, 200, "{}", other.text);
+    assert!(other.headers.get("idempotent-replayed").is_none());
+    assert_eq!(app.balance_from_events(id).await, 100);
 }

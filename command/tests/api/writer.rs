@@ -2,6 +2,7 @@
 //! and a cache made stale by another process never decides anything on its own.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use futures::future::join_all;
 use ledger_command::domain::AccountCommand;
@@ -10,7 +11,7 @@ use ledger_events::{Amount, Metadata};
 use sqlx::Connection;
 
 use crate::durability::{hold_next_sequence, wait_for_lock_waiter};
-use crate::helpers::{spawn_app, spawn_app_on};
+use crate::helpers::{eventually, spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commands_share_transactions_and_keep_every_version() {
@@ -174,4 +175,221 @@ async fn duplicates_under_one_key_never_share_a_batch() {
     }
     assert_eq!(app.balance_from_events(target).await, 250);
     assert_eq!(app.events_of(target).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_answered_503_with_retry_after_and_nothing_is_queued() {
+    let app = spawn_app_with(&["--command-queue-max", "1"]).await;
+    let (blocked, other) = (app.new_account().await, app.new_account().await);
+    // The writer is stuck: its statement waits on a rival holding the blocked account's
+    // version 2.
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let stuck = app.spawn_deposit(blocked, 5);
+    wait_for_lock_waiter(&app.pool).await;
+
+    // Room for one more: of two commands sent now, one waits and the other is refused.
+    let contenders = [app.spawn_deposit(other, 1), app.spawn_deposit(other, 1)];
+    eventually(Duration::from_secs(10), "one command to be refused", || {
+        let finished = contenders.iter().filter(|c| c.is_finished()).count();
+        async move { finished > 0 }
+    })
+    .await;
+    assert_eq!(
+        contenders.iter().filter(|c| c.is_finished()).count(),
+        1,
+        "the queue held more than its bound"
+    );
+    let (refused, waiting): (Vec<_>, Vec<_>) =
+        contenders.into_iter().partition(|c| c.is_finished());
+    let refused = refused.into_iter().next().unwrap().await.unwrap();
+    refused.assert_problem(503, "overloaded");
+    assert_eq!(refused.headers["retry-after"], "1");
+
+    tx.rollback().await.unwrap();
+    assert_eq!(stuck.await.unwrap().status, 200);
+    for waiting in waiting {
+        let answer = waiting.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    assert_eq!(
+        app.balance_from_events(other).await,
+        1,
+        "the refused deposit was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_caller_has_gone_before_it_started_is_never_committed() {
+    let app = spawn_app().await;
+    let (blocked, target) = (app.new_account().await, app.new_account().await);
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let deposit = |account, amount| Intent {
+        aggregate_id: account,
+        command: AccountCommand::Deposit {
+            amount: Amount::new(amount).unwrap(),
+            currency: "EUR".parse().unwrap(),
+            reference: None,
+        },
+        metadata: Metadata::default(),
+    };
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let mut stuck = Box::pin(ledger.execute(deposit(blocked, 5)));
+    assert!(futures::poll!(&mut stuck).is_pending());
+    wait_for_lock_waiter(&app.pool).await;
+
+    // Queued behind the stuck batch (one poll enqueues it), then its caller goes away, as a
+    // request timeout or a dropped connection drops the handler.
+    let mut gone = Box::pin(ledger.execute(deposit(target, 50)));
+    assert!(futures::poll!(&mut gone).is_pending());
+    drop(gone);
+
+    tx.rollback().await.unwrap();
+    stuck.await.unwrap();
+    // Queued after the abandoned command, so answered only once it has been dealt with.
+    let later = ledger.execute(deposit(target, 1)).await.unwrap();
+    assert_eq!(
+        later.state.balance, 1,
+        "the abandoned deposit was committed"
+    );
+    assert_eq!(app.balance_from_events(target).await, 1);
+    assert_eq!(app.events_of(target).await.len(), 2);
+}
+
+/// A deposit of `amount` into `account` with the given metadata.
+fn deposit_with(account: uuid::Uuid, amount: i64, metadata: Metadata) -> Intent {
+    Intent {
+        aggregate_id: account,
+        command: AccountCommand::Deposit {
+            amount: Amount::new(amount).unwrap(),
+            currency: "EUR".parse().unwrap(),
+            reference: None,
+        },
+        metadata,
+    }
+}
+
+/// Runs `then` while the ledger's writer is stuck on a rival holding `blocker`'s version 2,
+/// so that every command `then` submits (one poll each) lands in the writer's next batch.
+async fn in_one_batch<T>(
+    app: &crate::helpers::TestApp,
+    ledger: &Ledger,
+    blocker: uuid::Uuid,
+    then: impl std::future::Future<Output = T>,
+) -> T {
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocker, 2).await;
+    let mut busy = Box::pin(ledger.execute(deposit_with(blocker, 1, Metadata::default())));
+    assert!(futures::poll!(&mut busy).is_pending());
+    wait_for_lock_waiter(&app.pool).await;
+    let mut then = Box::pin(then);
+    assert!(futures::poll!(&mut then).is_pending());
+    tx.rollback().await.unwrap();
+    busy.await.unwrap();
+    then.await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_or_step_claimed_elsewhere_fails_only_its_command_and_the_rest_commit_together() {
+    let app = spawn_app().await;
+    let blocker = app.new_account().await;
+    let target = app.new_account().await;
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(app.new_account().await);
+    }
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let keyed = Metadata {
+        idempotency_key: Some("claimed".into()),
+        ..Metadata::default()
+    };
+    let stepped = Metadata {
+        transfer_step: Some(format!("{}/credit", uuid::Uuid::now_v7())),
+        ..Metadata::default()
+    };
+    // The key and the step are taken first (as by another replica's earlier commands).
+    ledger
+        .execute(deposit_with(target, 10, keyed.clone()))
+        .await
+        .unwrap();
+    ledger
+        .execute(deposit_with(target, 20, stepped.clone()))
+        .await
+        .unwrap();
+
+    let (key_dup, step_dup, rest) = in_one_batch(&app, &ledger, blocker, async {
+        futures::join!(
+            ledger.execute(deposit_with(target, 10, keyed.clone())),
+            ledger.execute(deposit_with(target, 20, stepped.clone())),
+            join_all(others.iter().map(|&other| ledger.execute(deposit_with(
+                other,
+                3,
+                Metadata::default()
+            ))))
+        )
+    })
+    .await;
+    assert!(matches!(key_dup, Err(LedgerError::KeyTaken)), "{key_dup:?}");
+    assert!(
+        matches!(step_dup, Err(LedgerError::StepTaken(_))),
+        "{step_dup:?}"
+    );
+    for outcome in &rest {
+        assert_eq!(outcome.as_ref().unwrap().state.balance, 3);
+    }
+    assert_eq!(app.balance_from_events(target).await, 30);
+    let other_ids: Vec<String> = others.iter().map(ToString::to_string).collect();
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT transaction_id::text) FROM events
+          WHERE event_type = 'MoneyDeposited' AND aggregate_id = ANY($1)",
+    )
+    .bind(&other_ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        transactions, 1,
+        "the rest of the batch paid for the duplicates: committed one by one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_aggregate_fails_only_its_own_commands() {
+    let app = spawn_app().await;
+    let blocker = app.new_account().await;
+    let healthy = app.new_account().await;
+    let broken = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', $1, 1, 'MoneyDeposited', '2', '{\"type\":\"MoneyDeposited\",\"amount\":\"lots\"}', '{}')",
+    )
+    .bind(broken.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+
+    let (on_broken, on_healthy) = in_one_batch(&app, &ledger, blocker, async {
+        futures::join!(
+            ledger.execute(deposit_with(broken, 5, Metadata::default())),
+            ledger.execute(deposit_with(healthy, 5, Metadata::default())),
+        )
+    })
+    .await;
+    assert!(
+        matches!(on_broken, Err(LedgerError::Internal(_))),
+        "{on_broken:?}"
+    );
+    assert_eq!(on_healthy.unwrap().state.balance, 5);
+    assert_eq!(app.balance_from_events(healthy).await, 5);
 }
