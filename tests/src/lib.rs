@@ -1,9 +1,9 @@
-//! Helpers for the end-to-end tests: start the real binaries (and a real Kafka-protocol
+//! Helpers for the end-to-end tests: start the real binaries (and a real Apache Kafka
 //! broker) as child processes against fresh databases, and observe them from outside.
 //!
 //! - [`process`]: start a binary, read its JSON log lines, signal it, wait for its exit.
-//! - [`broker`]: a tansu broker per test on a free port, with durable storage, that can be
-//!   stopped and started again.
+//! - [`broker`]: Apache Kafka: the run's shared broker, or a test's own that it can stop and
+//!   start again.
 //! - [`kafka`]: read every message of a topic and check per-aggregate order.
 //! - [`services`]: the ledger's processes with test settings.
 
