@@ -864,3 +864,95 @@ async fn a_consumer_that_receives_nothing_while_the_group_lags_is_reported_and_r
     .await;
     assert!(projector.status().await["process"]["stalled"].is_null());
 }
+
+/// Inserts `rows` (aggregate id, sequence, event type, version, payload as JSON text) into
+/// the store in one transaction, in this order: the projector reads them as one batch.
+async fn store_events(url: &str, rows: &[(&str, i64, &str, &str, String)]) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    for (aggregate, sequence, event_type, version, payload) in rows {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('account', $1, $2, $3, $4, $5::json, '{}')",
+        )
+        .bind(aggregate)
+        .bind(sequence)
+        .bind(event_type)
+        .bind(version)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+fn opened(owner: &str) -> String {
+    json!({"type": "AccountOpened", "owner": owner, "currency": "EUR"}).to_string()
+}
+
+fn deposited(amount: i64, reference: &str) -> String {
+    json!({"type": "MoneyDeposited", "amount": amount, "currency": "EUR", "reference": reference})
+        .to_string()
+}
+
+/// Waits until the summary of `account` exists; returns its (balance, version).
+async fn summary_of(url: &str, account: &str) -> (i64, i64) {
+    eventually(DEADLINE, &format!("{account} projected"), || async move {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance, version FROM account_summaries WHERE account_id = $1")
+                .bind(account)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        row.ok_or_else(|| "not yet".to_owned())
+    })
+    .await
+}
+
+/// Three accounts of one owner hold 2 × (2^63 − 1) + 5 minor units together: more than a
+/// bigint holds. The owner's total is exact (a `numeric` column), the query API answers it,
+/// and the projector carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact_total() {
+    let url = migrated_database().await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    let query = QueryApi::start(&url, &[]).await;
+    let mut rows = Vec::new();
+    for (account, amount) in [("rich-1", i64::MAX), ("rich-2", i64::MAX), ("rich-3", 5)] {
+        rows.push((account, 1, "AccountOpened", "1", opened("rich")));
+        rows.push((account, 2, "MoneyDeposited", "2", deposited(amount, "x")));
+    }
+    store_events(&url, &rows).await;
+    store_events(
+        &url,
+        &[("after-rich", 1, "AccountOpened", "1", opened("rich"))],
+    )
+    .await;
+    summary_of(&url, "after-rich").await;
+
+    let expected = (2 * i128::from(i64::MAX) + 5).to_string();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let (balance, accounts): (String, i64) =
+        sqlx::query_as("SELECT balance::text, accounts FROM owner_totals WHERE owner = 'rich'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!((balance.as_str(), accounts), (expected.as_str(), 4));
+    let letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(letters, 0);
+    let body = query
+        .client
+        .get(format!("{}/v1/owners/rich/totals", query.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains(&format!("\"balance\":{expected}")), "{body}");
+}
