@@ -14,13 +14,18 @@
 //!    decode) go to the dead letters;
 //! 4. the guards move past every event handled, in one statement.
 //!
-//! A database error fails the batch, which the source retries. Guards, read-model rows, checkpoints, partition progress and dead
+//! When PostgreSQL refuses a value of the batch (a data exception, an integrity violation,
+//! a limit), the batch is applied again in halves inside savepoints until the event that
+//! causes it is alone; that event is dead-lettered with the database's reason and the rest
+//! applied. Any other database error (a lost connection, a deadlock) fails the batch, which
+//! the source retries. Guards, read-model rows, checkpoints, partition progress and dead
 //! letters all commit together: a crash anywhere leaves either the whole batch or none of it.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use ledger_events::{AccountEvent, LedgerEvent, RecordedEvent, TransferEvent};
 use ledger_readmodels::dead_letters::{self, NewDeadLetter};
 use ledger_readmodels::{
@@ -28,7 +33,7 @@ use ledger_readmodels::{
     ApplyError,
 };
 use ledger_store::LogCursor;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// The progress row that holds the cursor when reading the store directly.
 pub const STORE_READER: &str = "store_log_reader";
@@ -224,8 +229,43 @@ impl Applier {
     }
 }
 
+/// Whether PostgreSQL refused a value the events brought (a data exception such as a numeric
+/// overflow or a byte it cannot store, an integrity violation, a limit such as a too-long
+/// key), or the value could not even be encoded: the events' fault, so the event at fault is
+/// isolated and dead-lettered. Anything else (a lost connection, a deadlock, a server
+/// shutting down) is the database's state, and the batch is retried as it is.
+pub fn is_data_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| {
+                code.get(..2)
+                    .map(|class| matches!(class, "22" | "23" | "54"))
+            })
+            .unwrap_or(false),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
+/// The dead letter's reason for an event the database refused.
+fn refused_by(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => format!(
+            "the database refused it ({}): {}",
+            db.code().unwrap_or_default(),
+            db.message()
+        ),
+        other => format!("the database refused it: {other}"),
+    }
+}
+
 /// Applies `events` (in order per aggregate) to each of `projections` on `tx`, through the
 /// guards: the shared code path of live apply, replay and rebuild.
+///
+/// The whole set goes in one savepoint; if PostgreSQL refuses a value of it, the set is
+/// applied again in halves, each in its own savepoint, down to the single event at fault,
+/// which is dead-lettered per projection with the database's reason.
 pub async fn apply_events(
     tx: &mut PgConnection,
     projections: &[&str],
@@ -235,7 +275,150 @@ pub async fn apply_events(
     if events.is_empty() {
         return Ok(());
     }
-    apply_set(tx, projections, events, outcome).await
+    let mut attempt = Applied::default();
+    let mut savepoint = tx.begin().await?;
+    match apply_set(&mut savepoint, projections, events, &mut attempt).await {
+        Ok(()) => {
+            savepoint.commit().await?;
+            outcome.absorb(attempt);
+            Ok(())
+        }
+        Err(err) if is_data_error(&err) => {
+            savepoint.rollback().await?;
+            tracing::warn!(
+                error = %err,
+                events = events.len(),
+                "the database refuses a value of this batch: isolating the event at fault"
+            );
+            isolate(tx, projections, events, outcome).await
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Applies `events` in halves, each in a savepoint, splitting a half again when the
+/// database refuses it, down to single events.
+fn isolate<'a>(
+    tx: &'a mut PgConnection,
+    projections: &'a [&'a str],
+    events: &'a [(&'a RecordedEvent, Origin)],
+    outcome: &'a mut Applied,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        if let [(event, origin)] = events {
+            for projection in projections {
+                isolate_one(tx, projection, event, *origin, outcome).await?;
+            }
+            return Ok(());
+        }
+        let (first, second) = events.split_at(events.len() / 2);
+        for half in [first, second] {
+            let mut attempt = Applied::default();
+            let mut savepoint = tx.begin().await?;
+            match apply_set(&mut savepoint, projections, half, &mut attempt).await {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    outcome.absorb(attempt);
+                }
+                Err(err) if is_data_error(&err) => {
+                    savepoint.rollback().await?;
+                    isolate(tx, projections, half, outcome).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One event and one projection, when the database refused something of them: its guard,
+/// the events missing before it (each alone), then the event alone. What the database
+/// refuses is dead-lettered with its reason and the guard moves past it (unless the guard
+/// itself cannot be stored, e.g. an aggregate id PostgreSQL refuses).
+fn isolate_one<'a>(
+    tx: &'a mut PgConnection,
+    projection: &'a str,
+    event: &'a RecordedEvent,
+    origin: Origin,
+    outcome: &'a mut Applied,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        if !names::handles(projection, &event.aggregate_type) {
+            return Ok(());
+        }
+        let mut savepoint = tx.begin().await?;
+        let id = event.aggregate_id.as_str();
+        let last = match guards::lock_many(&mut savepoint, projection, &[id]).await {
+            Ok(last) => {
+                savepoint.commit().await?;
+                last.get(id).copied().unwrap_or(0)
+            }
+            Err(err) if is_data_error(&err) => {
+                savepoint.rollback().await?;
+                dead_letter(tx, projection, event, origin, refused_by(&err)).await?;
+                outcome.dead_letters += 1;
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        if event.sequence <= last {
+            outcome.duplicates += 1;
+            return Ok(());
+        }
+        if event.sequence > last + 1 {
+            let missing = ledger_store::events_of(
+                tx,
+                &event.aggregate_type,
+                id,
+                last + 1,
+                event.sequence - 1,
+            )
+            .await?;
+            for earlier in &missing {
+                outcome.repaired += 1;
+                let origin = Origin::Store {
+                    cursor: LogCursor::default(),
+                };
+                isolate_one(tx, projection, earlier, origin, outcome).await?;
+            }
+        }
+        let mut attempt = Applied::default();
+        let mut savepoint = tx.begin().await?;
+        match apply_set(
+            &mut savepoint,
+            &[projection],
+            &[(event, origin)],
+            &mut attempt,
+        )
+        .await
+        {
+            Ok(()) => {
+                savepoint.commit().await?;
+                outcome.absorb(attempt);
+            }
+            Err(err) if is_data_error(&err) => {
+                savepoint.rollback().await?;
+                tracing::warn!(
+                    projection,
+                    error = %err,
+                    event_id = %event.event_id,
+                    "the database refuses this event: to the dead letters"
+                );
+                dead_letter(tx, projection, event, origin, refused_by(&err)).await?;
+                outcome.dead_letters += 1;
+                guards::advance_many(
+                    tx,
+                    projection,
+                    &[id],
+                    &[event.sequence],
+                    &[event.global_position],
+                )
+                .await?;
+            }
+            Err(err) => return Err(err),
+        }
+        Ok(())
+    })
 }
 
 /// The set-based apply of `events` to each of `projections` (see the module documentation).

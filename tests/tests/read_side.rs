@@ -911,6 +911,114 @@ async fn summary_of(url: &str, account: &str) -> (i64, i64) {
     .await
 }
 
+/// One batch holds a deposit whose reference carries a NUL (PostgreSQL text cannot hold
+/// it: the statement's insert fails) and a deposit that would take a balance past a
+/// bigint. Each is dead-lettered by the projections it poisons, with the reason, and every
+/// other event of the batch is applied; the projector carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_poison_event_in_the_middle_applies_every_other_event() {
+    let url = migrated_database().await;
+    let mut rows = vec![("poisoned", 1, "AccountOpened", "1", opened("p"))];
+    for sequence in 2..=100 {
+        let reference = if sequence == 50 { "nul \0 here" } else { "ok" };
+        rows.push((
+            "poisoned",
+            sequence,
+            "MoneyDeposited",
+            "2",
+            deposited(1, reference),
+        ));
+    }
+    rows.push(("brimful", 1, "AccountOpened", "1", opened("q")));
+    rows.push((
+        "brimful",
+        2,
+        "MoneyDeposited",
+        "2",
+        deposited(i64::MAX, "all"),
+    ));
+    rows.push((
+        "brimful",
+        3,
+        "MoneyDeposited",
+        "2",
+        deposited(1, "one more"),
+    ));
+    rows.push((
+        "brimful",
+        4,
+        "AccountClosed",
+        "1",
+        json!({"type": "AccountClosed"}).to_string(),
+    ));
+    store_events(&url, &rows).await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    store_events(&url, &[("later", 1, "AccountOpened", "1", opened("p"))]).await;
+
+    summary_of(&url, "later").await;
+    assert_eq!(summary_of(&url, "poisoned").await, (99, 100));
+    assert_eq!(summary_of(&url, "brimful").await, (i64::MAX, 4));
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let sequences: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM account_statements WHERE account_id = 'poisoned' ORDER BY sequence",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        sequences,
+        (1..=100).filter(|s| *s != 50).collect::<Vec<i64>>()
+    );
+    let last: i64 = sqlx::query_scalar(
+        "SELECT balance_after FROM account_statements WHERE account_id = 'poisoned' AND sequence = 100",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        last, 98,
+        "the running balance leaves out the dead-lettered entry"
+    );
+    let letters: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT projection, aggregate_id, sequence, reason FROM dead_letters
+          ORDER BY aggregate_id, projection",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let found: Vec<(&str, &str, i64)> = letters
+        .iter()
+        .map(|(p, a, s, _)| (p.as_str(), a.as_str(), *s))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("account_statement", "brimful", 3),
+            ("account_summary", "brimful", 3),
+            ("owner_totals", "brimful", 3),
+            ("account_statement", "poisoned", 50),
+        ],
+        "{letters:?}"
+    );
+    assert!(
+        letters[3].3.starts_with("the database refused it (22"),
+        "{letters:?}"
+    );
+    assert!(letters[1].3.contains("bigint"), "{letters:?}");
+    let totals: Vec<(String, String)> =
+        sqlx::query_as("SELECT owner, balance::text FROM owner_totals ORDER BY owner")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        totals,
+        vec![
+            ("p".to_owned(), "99".to_owned()),
+            ("q".to_owned(), i64::MAX.to_string())
+        ]
+    );
+}
+
 /// Three accounts of one owner hold 2 × (2^63 − 1) + 5 minor units together: more than a
 /// bigint holds. The owner's total is exact (a `numeric` column), the query API answers it,
 /// and the projector carries on.
@@ -955,4 +1063,32 @@ async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact
         .await
         .unwrap();
     assert!(body.contains(&format!("\"balance\":{expected}")), "{body}");
+}
+
+/// A batch that keeps failing (its table is gone) is retried; SIGTERM still stops the
+/// projector at once, long before its shutdown timeout, leaving the batch uncommitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_projector_that_is_retrying_a_failing_batch() {
+    let s = stack_with(&[("SHUTDOWN_TIMEOUT", "300s")], "3").await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query("ALTER TABLE account_summaries RENAME TO account_summaries_gone")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    s.api.open_account().await;
+    let mut projector = s.projector;
+    projector
+        .process
+        .wait_for_line("batch failed; retrying", DEADLINE)
+        .await;
+    projector.process.signal(Signal::SIGTERM);
+    assert_eq!(
+        projector.process.exit_code(Duration::from_secs(30)).await,
+        0
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM account_statements")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied, 0, "nothing of the failing batch was committed");
 }
