@@ -1065,6 +1065,62 @@ async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact
     assert!(body.contains(&format!("\"balance\":{expected}")), "{body}");
 }
 
+/// Eight owners' accounts spread over eight partitions, deposits in random order, four
+/// workers: every batch touches several owners' totals. Batches lock rows in one global
+/// order, so PostgreSQL never has to break a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_under_load_apply_without_a_deadlock() {
+    let s = stack_with(&[("PROJECTOR_WORKERS", "4")], "8").await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'account', 'load-' || a, 1, 'AccountOpened', '1',
+                json_build_object('type','AccountOpened','owner','owner-' || (a % 8),'currency','EUR'),
+                '{}'::json
+           FROM generate_series(0, 63) a ORDER BY random()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for round in 0..3 {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', 'load-' || a, s, 'MoneyDeposited', '2',
+                    json_build_object('type','MoneyDeposited','amount',1,'currency','EUR','reference',null),
+                    '{}'::json
+               FROM generate_series(0, 63) a, generate_series($1, $1 + 19) s
+              ORDER BY s, random()",
+        )
+        .bind(2 + round * 20)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    wait_until_projected(&s.url, DEADLINE).await;
+    let totals: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT owner, balance::text, accounts FROM owner_totals ORDER BY owner")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(totals.len(), 8, "{totals:?}");
+    assert!(
+        totals.iter().all(|(_, b, a)| b == "480" && *a == 8),
+        "{totals:?}"
+    );
+    let mut projector = s.projector;
+    projector.process.signal(Signal::SIGTERM);
+    assert_eq!(
+        projector.process.exit_code(Duration::from_secs(40)).await,
+        0
+    );
+    let logs = projector.process.drain().await;
+    let deadlocks: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("deadlock detected"))
+        .collect();
+    assert!(deadlocks.is_empty(), "{deadlocks:#?}");
+}
+
 /// A batch that keeps failing (its table is gone) is retried; SIGTERM still stops the
 /// projector at once, long before its shutdown timeout, leaving the batch uncommitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
