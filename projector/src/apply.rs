@@ -1,19 +1,35 @@
-//! Applying a batch of incoming events to every projection in one transaction.
+//! Applying a batch of incoming events to every projection in one transaction (ADR 0013).
 //!
-//! For each event and projection: the guard says apply, skip (a duplicate or re-delivery),
-//! or repair a gap first (the missing sequences are read from the store). A projection that
-//! refuses an event, or an event that cannot be decoded, goes to the dead letters; the guard
-//! moves past it and the projector carries on. Guards, read-model rows, checkpoints,
-//! partition progress and dead letters all commit together: a crash anywhere leaves either
-//! the whole batch or none of it.
+//! [`apply_events`] is the one code path of live apply, replay and rebuild. Per projection,
+//! with a fixed number of statements whatever the batch's size:
+//!
+//! 1. the guards of all the batch's aggregates are created or locked in one statement, in
+//!    key order (two workers never deadlock on them), and read in one more;
+//! 2. in memory, each event is judged against its aggregate's guard: apply, skip (a
+//!    duplicate or re-delivery), or repair a gap first (the missing sequences are read from
+//!    the store, the only per-event statement, and only when a gap exists);
+//! 3. the projection folds the events to apply into its rows in memory and writes each of
+//!    its tables in one statement (`readmodels::*::apply_batch`); the events it refuses
+//!    (money for an account never opened, an account opened twice, a payload that does not
+//!    decode) go to the dead letters;
+//! 4. the guards move past every event handled, in one statement.
+//!
+//! When PostgreSQL refuses a value of the batch (a data exception, an integrity violation,
+//! a limit), the batch is applied again in halves inside savepoints until the event that
+//! causes it is alone; that event is dead-lettered with the database's reason and the rest
+//! applied. Any other database error (a lost connection, a deadlock) fails the batch, which
+//! the source retries. Guards, read-model rows, checkpoints, partition progress and dead
+//! letters all commit together: a crash anywhere leaves either the whole batch or none of it.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use ledger_events::{LedgerEvent, RecordedEvent};
+use futures::future::BoxFuture;
+use ledger_events::{AccountEvent, LedgerEvent, RecordedEvent, TransferEvent};
 use ledger_readmodels::dead_letters::{self, NewDeadLetter};
 use ledger_readmodels::{
-    guards, names, notify_change, owner_totals, progress, statements, summaries, transfers,
+    guards, names, notify_changes, owner_totals, progress, statements, summaries, transfers,
     ApplyError,
 };
 use ledger_store::LogCursor;
@@ -70,6 +86,16 @@ pub struct Applied {
     pub repaired: u64,
 }
 
+impl Applied {
+    /// Adds what another (part of a) batch did.
+    pub fn absorb(&mut self, other: Applied) {
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.dead_letters += other.dead_letters;
+        self.repaired += other.repaired;
+    }
+}
+
 /// What a source (Kafka or the store) hands its batches to: the read-model applier or the
 /// transfer process manager. `Err` means nothing of the batch may be considered done: the
 /// source retries it and does not move its position.
@@ -118,32 +144,23 @@ impl Applier {
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Applied, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut outcome = Applied::default();
-        let mut touched = BTreeSet::new();
+        let mut events = Vec::with_capacity(batch.len());
         let mut newest: Option<(i64, DateTime<Utc>)> = None;
-        let mut events = 0i64;
         for item in batch {
             match item {
-                Incoming::Event { event, .. } => {
-                    let span = tracing::debug_span!(
-                        "event",
-                        request_id = event.metadata.request_id.as_deref().unwrap_or(""),
-                        event_id = %event.event_id,
-                        position = event.global_position,
-                    );
-                    let _entered = span.enter();
+                Incoming::Event { event, origin } => {
                     // The thread from the HTTP request: its id and W3C trace context came
                     // through the event's metadata and the Kafka headers.
                     tracing::debug!(
                         request_id = event.metadata.request_id.as_deref().unwrap_or(""),
                         traceparent = event.metadata.traceparent().unwrap_or(""),
+                        event_id = %event.event_id,
+                        position = event.global_position,
                         event_type = %event.event_type,
                         aggregate_id = %event.aggregate_id,
                         "applying event"
                     );
-                    self.apply_event(&mut tx, event, item.origin(), &mut outcome)
-                        .await?;
-                    touched.insert(event.aggregate_id.clone());
-                    events += 1;
+                    events.push((event.as_ref(), *origin));
                     if newest.is_none_or(|(p, _)| event.global_position > p) {
                         newest = Some((event.global_position, event.recorded_at));
                     }
@@ -165,13 +182,15 @@ impl Applier {
                 }
             }
         }
+        apply_events(&mut tx, &names::ALL, &events, &mut outcome).await?;
+        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
         let cursor = batch.iter().rev().find_map(|item| match item.origin() {
             Origin::Store { cursor } => Some(cursor),
             Origin::Kafka { .. } => None,
         });
         if let Some((position, at)) = newest {
             for projection in names::ALL {
-                progress::advance(&mut tx, projection, position, at, events, None).await?;
+                progress::advance(&mut tx, projection, position, at, count, None).await?;
             }
         }
         if let Some(cursor) = cursor {
@@ -181,13 +200,13 @@ impl Applier {
                 STORE_READER,
                 position,
                 at,
-                events,
+                count,
                 Some((cursor.transaction_id, cursor.global_position)),
             )
             .await?;
         }
         if let Some((group, topic)) = &self.kafka {
-            let mut partitions: std::collections::BTreeMap<i32, (i64, i64)> = Default::default();
+            let mut partitions: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
             for item in batch {
                 if let Origin::Kafka { partition, offset } = item.origin() {
                     let position = match item {
@@ -203,159 +222,380 @@ impl Applier {
                     .await?;
             }
         }
-        for account in &touched {
-            notify_change(&mut tx, account).await?;
-        }
+        let touched = ledger_readmodels::distinct_ids(events.iter().map(|(event, _)| *event));
+        notify_changes(&mut tx, &touched).await?;
         tx.commit().await?;
         Ok(outcome)
     }
+}
 
-    async fn apply_event(
-        &self,
-        tx: &mut PgConnection,
-        event: &RecordedEvent,
-        origin: Origin,
-        outcome: &mut Applied,
-    ) -> Result<(), sqlx::Error> {
-        apply_guarded(tx, &names::ALL, event, origin, outcome).await
+/// Whether PostgreSQL refused a value the events brought (a data exception such as a numeric
+/// overflow or a byte it cannot store, an integrity violation, a limit such as a too-long
+/// key), or the value could not even be encoded: the events' fault, so the event at fault is
+/// isolated and dead-lettered. Anything else (a lost connection, a deadlock, a server
+/// shutting down) is the database's state, and the batch is retried as it is.
+pub fn is_data_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| {
+                code.get(..2)
+                    .map(|class| matches!(class, "22" | "23" | "54"))
+            })
+            .unwrap_or(false),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
     }
 }
 
-/// Applies `event` to each of `projections` through its guard (apply, skip a duplicate,
-/// or repair a gap from the store first), on `tx`.
-pub async fn apply_guarded(
+/// The dead letter's reason for an event the database refused.
+fn refused_by(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => format!(
+            "the database refused it ({}): {}",
+            db.code().unwrap_or_default(),
+            db.message()
+        ),
+        other => format!("the database refused it: {other}"),
+    }
+}
+
+/// Applies `events` (in order per aggregate) to each of `projections` on `tx`, through the
+/// guards: the shared code path of live apply, replay and rebuild.
+///
+/// The whole set goes in one savepoint; if PostgreSQL refuses a value of it, the set is
+/// applied again in halves, each in its own savepoint, down to the single event at fault,
+/// which is dead-lettered per projection with the database's reason.
+pub async fn apply_events(
     tx: &mut PgConnection,
     projections: &[&str],
-    event: &RecordedEvent,
-    origin: Origin,
+    events: &[(&RecordedEvent, Origin)],
     outcome: &mut Applied,
 ) -> Result<(), sqlx::Error> {
-    {
-        for projection in projections
-            .iter()
-            .copied()
-            .filter(|p| names::handles(p, &event.aggregate_type))
-        {
-            match guards::check(tx, projection, &event.aggregate_id, event.sequence).await? {
-                guards::Verdict::Duplicate => outcome.duplicates += 1,
-                guards::Verdict::Apply => apply_one(tx, projection, event, origin, outcome).await?,
-                guards::Verdict::Gap { from } => {
-                    let missing = ledger_store::events_of(
-                        tx,
-                        &event.aggregate_type,
-                        &event.aggregate_id,
-                        from,
-                        event.sequence - 1,
-                    )
-                    .await?;
-                    tracing::warn!(
-                        projection,
-                        aggregate_id = %event.aggregate_id,
-                        from,
-                        to = event.sequence - 1,
-                        found = missing.len(),
-                        "sequence gap: repairing from the store"
-                    );
-                    for earlier in &missing {
-                        apply_one(
-                            tx,
-                            projection,
-                            earlier,
-                            Origin::Store {
-                                cursor: LogCursor::default(),
-                            },
-                            outcome,
-                        )
-                        .await?;
-                        outcome.repaired += 1;
-                    }
-                    apply_one(tx, projection, event, origin, outcome).await?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut attempt = Applied::default();
+    let mut savepoint = tx.begin().await?;
+    match apply_set(&mut savepoint, projections, events, &mut attempt).await {
+        Ok(()) => {
+            savepoint.commit().await?;
+            outcome.absorb(attempt);
+            Ok(())
+        }
+        Err(err) if is_data_error(&err) => {
+            savepoint.rollback().await?;
+            tracing::warn!(
+                error = %err,
+                events = events.len(),
+                "the database refuses a value of this batch: isolating the event at fault"
+            );
+            isolate(tx, projections, events, outcome).await
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Applies `events` in halves, each in a savepoint, splitting a half again when the
+/// database refuses it, down to single events.
+fn isolate<'a>(
+    tx: &'a mut PgConnection,
+    projections: &'a [&'a str],
+    events: &'a [(&'a RecordedEvent, Origin)],
+    outcome: &'a mut Applied,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        if let [(event, origin)] = events {
+            for projection in projections {
+                isolate_one(tx, projection, event, *origin, outcome).await?;
+            }
+            return Ok(());
+        }
+        let (first, second) = events.split_at(events.len() / 2);
+        for half in [first, second] {
+            let mut attempt = Applied::default();
+            let mut savepoint = tx.begin().await?;
+            match apply_set(&mut savepoint, projections, half, &mut attempt).await {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    outcome.absorb(attempt);
                 }
+                Err(err) if is_data_error(&err) => {
+                    savepoint.rollback().await?;
+                    isolate(tx, projections, half, outcome).await?;
+                }
+                Err(err) => return Err(err),
             }
         }
         Ok(())
-    }
+    })
 }
 
-/// Applies one event to one projection (or dead-letters it), and moves the guard.
-pub async fn apply_one(
+/// One event and one projection, when the database refused something of them: its guard,
+/// the events missing before it (each alone), then the event alone. What the database
+/// refuses is dead-lettered with its reason and the guard moves past it (unless the guard
+/// itself cannot be stored, e.g. an aggregate id PostgreSQL refuses).
+fn isolate_one<'a>(
+    tx: &'a mut PgConnection,
+    projection: &'a str,
+    event: &'a RecordedEvent,
+    origin: Origin,
+    outcome: &'a mut Applied,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        if !names::handles(projection, &event.aggregate_type) {
+            return Ok(());
+        }
+        let mut savepoint = tx.begin().await?;
+        let id = event.aggregate_id.as_str();
+        let last = match guards::lock_many(&mut savepoint, projection, &[id]).await {
+            Ok(last) => {
+                savepoint.commit().await?;
+                last.get(id).copied().unwrap_or(0)
+            }
+            Err(err) if is_data_error(&err) => {
+                savepoint.rollback().await?;
+                dead_letter(tx, projection, event, origin, refused_by(&err)).await?;
+                outcome.dead_letters += 1;
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        if event.sequence <= last {
+            outcome.duplicates += 1;
+            return Ok(());
+        }
+        if event.sequence > last + 1 {
+            let missing = ledger_store::events_of(
+                tx,
+                &event.aggregate_type,
+                id,
+                last + 1,
+                event.sequence - 1,
+            )
+            .await?;
+            for earlier in &missing {
+                outcome.repaired += 1;
+                let origin = Origin::Store {
+                    cursor: LogCursor::default(),
+                };
+                isolate_one(tx, projection, earlier, origin, outcome).await?;
+            }
+        }
+        let mut attempt = Applied::default();
+        let mut savepoint = tx.begin().await?;
+        match apply_set(
+            &mut savepoint,
+            &[projection],
+            &[(event, origin)],
+            &mut attempt,
+        )
+        .await
+        {
+            Ok(()) => {
+                savepoint.commit().await?;
+                outcome.absorb(attempt);
+            }
+            Err(err) if is_data_error(&err) => {
+                savepoint.rollback().await?;
+                tracing::warn!(
+                    projection,
+                    error = %err,
+                    event_id = %event.event_id,
+                    "the database refuses this event: to the dead letters"
+                );
+                dead_letter(tx, projection, event, origin, refused_by(&err)).await?;
+                outcome.dead_letters += 1;
+                guards::advance_many(
+                    tx,
+                    projection,
+                    &[id],
+                    &[event.sequence],
+                    &[event.global_position],
+                )
+                .await?;
+            }
+            Err(err) => return Err(err),
+        }
+        Ok(())
+    })
+}
+
+/// The set-based apply of `events` to each of `projections` (see the module documentation).
+async fn apply_set(
+    tx: &mut PgConnection,
+    projections: &[&str],
+    events: &[(&RecordedEvent, Origin)],
+    outcome: &mut Applied,
+) -> Result<(), sqlx::Error> {
+    for &projection in projections {
+        let relevant: Vec<(&RecordedEvent, Origin)> = events
+            .iter()
+            .filter(|(event, _)| names::handles(projection, &event.aggregate_type))
+            .copied()
+            .collect();
+        if relevant.is_empty() {
+            continue;
+        }
+        let ids = ledger_readmodels::distinct_ids(relevant.iter().map(|(event, _)| *event));
+        let mut last = guards::lock_many(tx, projection, &ids).await?;
+        // What to apply, in order: the batch's events the guards let through, each preceded
+        // by the events its aggregate is missing.
+        let mut plan: Vec<(Cow<'_, RecordedEvent>, Origin)> = Vec::with_capacity(relevant.len());
+        for (event, origin) in relevant {
+            let seen = last.get(&event.aggregate_id).copied().unwrap_or(0);
+            if event.sequence <= seen {
+                outcome.duplicates += 1;
+                continue;
+            }
+            if event.sequence > seen + 1 {
+                let missing = ledger_store::events_of(
+                    tx,
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    seen + 1,
+                    event.sequence - 1,
+                )
+                .await?;
+                tracing::warn!(
+                    projection,
+                    aggregate_id = %event.aggregate_id,
+                    from = seen + 1,
+                    to = event.sequence - 1,
+                    found = missing.len(),
+                    "sequence gap: repairing from the store"
+                );
+                outcome.repaired += missing.len() as u64;
+                plan.extend(missing.into_iter().map(|earlier| {
+                    (
+                        Cow::Owned(earlier),
+                        Origin::Store {
+                            cursor: LogCursor::default(),
+                        },
+                    )
+                }));
+            }
+            last.insert(event.aggregate_id.clone(), event.sequence);
+            plan.push((Cow::Borrowed(event), origin));
+        }
+        if plan.is_empty() {
+            continue;
+        }
+        let planned: Vec<&RecordedEvent> = plan.iter().map(|(event, _)| &**event).collect();
+        let refused = project_batch(tx, projection, &planned).await?;
+        outcome.applied += (planned.len() - refused.len()) as u64;
+        for (index, reason) in refused {
+            dead_letter(tx, projection, planned[index], plan[index].1, reason).await?;
+            outcome.dead_letters += 1;
+        }
+        // Every event handled (applied or dead-lettered) moves its guard.
+        let mut handled: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for event in &planned {
+            handled.insert(
+                event.aggregate_id.as_str(),
+                (event.sequence, event.global_position),
+            );
+        }
+        let aggregates: Vec<&str> = handled.keys().copied().collect();
+        let sequences: Vec<i64> = handled.values().map(|(s, _)| *s).collect();
+        let positions: Vec<i64> = handled.values().map(|(_, p)| *p).collect();
+        guards::advance_many(tx, projection, &aggregates, &sequences, &positions).await?;
+    }
+    Ok(())
+}
+
+/// Records `event` as a dead letter of `projection` with `reason`.
+async fn dead_letter(
     tx: &mut PgConnection,
     projection: &str,
     event: &RecordedEvent,
     origin: Origin,
-    outcome: &mut Applied,
+    reason: String,
 ) -> Result<(), sqlx::Error> {
-    let refused = match project(tx, projection, event).await {
-        Ok(()) => {
-            outcome.applied += 1;
-            None
-        }
-        Err(ApplyError::Refused(reason)) => Some(reason),
-        Err(ApplyError::Database(err)) => return Err(err),
-    };
-    if let Some(reason) = refused {
-        tracing::warn!(projection, %reason, event_id = %event.event_id, "event to the dead letters");
-        let mut letter = letter_for(origin);
-        letter.projection = projection.to_owned();
-        letter.reason = reason;
-        letter.event_id = Some(event.event_id);
-        letter.aggregate_id = Some(event.aggregate_id.clone());
-        letter.sequence = Some(event.sequence);
-        letter.global_position = Some(event.global_position);
-        letter.event_type = Some(event.event_type.clone());
-        letter.event_version = Some(event.event_version.clone());
-        letter.raw_value = Some(event.payload.to_string());
-        dead_letters::record(tx, &letter).await?;
-        outcome.dead_letters += 1;
-    }
-    guards::advance(
-        tx,
-        projection,
-        &event.aggregate_id,
-        event.sequence,
-        event.global_position,
-    )
-    .await
+    tracing::warn!(projection, %reason, event_id = %event.event_id, "event to the dead letters");
+    let mut letter = letter_for(origin);
+    letter.projection = projection.to_owned();
+    letter.reason = reason;
+    letter.event_id = Some(event.event_id);
+    letter.aggregate_id = Some(event.aggregate_id.clone());
+    letter.sequence = Some(event.sequence);
+    letter.global_position = Some(event.global_position);
+    letter.event_type = Some(event.event_type.clone());
+    letter.event_version = Some(event.event_version.clone());
+    letter.raw_value = Some(event.payload.to_string());
+    dead_letters::record(tx, &letter).await
 }
 
-/// Decodes `event` and applies it to `projection` inside a savepoint (a refusal undoes only
-/// this change), without looking at the guard.
+/// Decodes `events` and applies them to `projection` (its rows only; the guards are the
+/// caller's). Returns the events refused: (index in `events`, reason).
+pub async fn project_batch(
+    tx: &mut PgConnection,
+    projection: &str,
+    events: &[&RecordedEvent],
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    let mut refused = Vec::new();
+    let mut accounts: Vec<(usize, &RecordedEvent, AccountEvent)> = Vec::new();
+    let mut transfer_events: Vec<(usize, &RecordedEvent, TransferEvent)> = Vec::new();
+    let takes_accounts = matches!(
+        projection,
+        names::ACCOUNT_SUMMARY | names::ACCOUNT_STATEMENT | names::OWNER_TOTALS
+    );
+    for (index, event) in events.iter().enumerate() {
+        match event.decode() {
+            Err(err) => refused.push((index, err.to_string())),
+            Ok(LedgerEvent::Account(decoded)) if takes_accounts => {
+                accounts.push((index, *event, decoded));
+            }
+            Ok(LedgerEvent::Transfer(decoded)) if projection == names::TRANSFERS => {
+                transfer_events.push((index, *event, decoded));
+            }
+            Ok(_) => refused.push((
+                index,
+                format!(
+                    "projection `{projection}` does not take {} events",
+                    event.aggregate_type
+                ),
+            )),
+        }
+    }
+    if !accounts.is_empty() {
+        let batch: Vec<(&RecordedEvent, &AccountEvent)> =
+            accounts.iter().map(|(_, e, d)| (*e, d)).collect();
+        let by_model = match projection {
+            names::ACCOUNT_SUMMARY => summaries::apply_batch(tx, &batch).await?,
+            names::ACCOUNT_STATEMENT => statements::apply_batch(tx, &batch).await?,
+            _ => owner_totals::apply_batch(tx, &batch).await?,
+        };
+        refused.extend(
+            by_model
+                .into_iter()
+                .map(|(i, reason)| (accounts[i].0, reason)),
+        );
+    }
+    if !transfer_events.is_empty() {
+        let batch: Vec<(&RecordedEvent, &TransferEvent)> =
+            transfer_events.iter().map(|(_, e, d)| (*e, d)).collect();
+        refused.extend(
+            transfers::apply_batch(tx, &batch)
+                .await?
+                .into_iter()
+                .map(|(i, reason)| (transfer_events[i].0, reason)),
+        );
+    }
+    refused.sort_by_key(|(index, _)| *index);
+    Ok(refused)
+}
+
+/// Decodes `event` and applies it to `projection` alone, without looking at the guard (an
+/// operator's retry of a dead letter): the same code as a batch of one.
 pub async fn project(
     tx: &mut PgConnection,
     projection: &str,
     event: &RecordedEvent,
 ) -> Result<(), ApplyError> {
-    let decoded = event
-        .decode()
-        .map_err(|err| ApplyError::Refused(err.to_string()))?;
-    let mut savepoint = tx.begin().await?;
-    let result = match (projection, &decoded) {
-        (names::ACCOUNT_SUMMARY, LedgerEvent::Account(account)) => {
-            summaries::apply(&mut savepoint, event, account).await
-        }
-        (names::ACCOUNT_STATEMENT, LedgerEvent::Account(account)) => {
-            statements::apply(&mut savepoint, event, account).await
-        }
-        (names::OWNER_TOTALS, LedgerEvent::Account(account)) => {
-            owner_totals::apply(&mut savepoint, event, account).await
-        }
-        (names::TRANSFERS, LedgerEvent::Transfer(transfer)) => {
-            transfers::apply(&mut savepoint, event, transfer).await
-        }
-        (other, _) => Err(ApplyError::Refused(format!(
-            "projection `{other}` does not take {} events",
-            event.aggregate_type
-        ))),
-    };
-    match result {
-        Ok(()) => {
-            savepoint.commit().await?;
-            Ok(())
-        }
-        Err(err) => {
-            savepoint.rollback().await?;
-            Err(err)
-        }
+    match project_batch(tx, projection, &[event]).await?.pop() {
+        Some((_, reason)) => Err(ApplyError::Refused(reason)),
+        None => Ok(()),
     }
 }
 

@@ -8,9 +8,11 @@
 //!   batch's transaction committed.
 //! - [`source_store`]: without a broker, the store's log read directly in commit-safe order,
 //!   the cursor committed with each batch.
-//! - [`apply`]: one transaction per batch: per event and projection, the guard (apply, skip a
-//!   duplicate, or repair a gap from the store), the read-model change, dead letters,
-//!   checkpoints and change notifications.
+//! - [`apply`]: one transaction per batch, a fixed number of statements per projection
+//!   (ADR 0013): the guards of all the batch's aggregates (apply, skip a duplicate, or
+//!   repair a gap from the store), the read-model rows folded in memory and written once,
+//!   dead letters (an event the database refuses is isolated by bisection), checkpoints and
+//!   change notifications. Live apply, replay and rebuild all go through it.
 //! - [`status`]: `/healthz`, `/readyz`, `/status` (positions, lag, dead letters, partitions).
 //! - [`ops`]: operator actions (rebuild, dry run, replay, republish, dead letters, status),
 //!   used by the `ledger-admin` CLI and the admin HTTP API ([`admin`]).

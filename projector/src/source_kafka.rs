@@ -77,6 +77,7 @@ pub async fn run<H: BatchHandler>(
             consumer.clone(),
             settings.kafka_topic.clone(),
             status.clone(),
+            stop.clone(),
         )));
     }
     let mut watchdog = Watchdog::new(settings.kafka_stall_timeout);
@@ -237,6 +238,8 @@ fn group_progress(consumer: &StreamConsumer, topic: &str) -> Option<GroupProgres
 }
 
 /// A worker: applies its partitions' messages in batches, storing offsets after commits.
+/// A batch that fails is retried with backoff until it commits or `stop` turns true; then
+/// the worker leaves it uncommitted (its offsets not stored, so it is delivered again).
 async fn work<H: BatchHandler>(
     mut rx: mpsc::Receiver<Incoming>,
     batch_size: usize,
@@ -244,6 +247,7 @@ async fn work<H: BatchHandler>(
     consumer: Arc<StreamConsumer>,
     topic: String,
     status: SharedStatus,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
     while let Some(first) = rx.recv().await {
@@ -266,7 +270,17 @@ async fn work<H: BatchHandler>(
                     // Nothing was committed: the same batch is retried, in order.
                     tracing::warn!(error = %err, "batch failed; retrying");
                     crate::status::failed(&status, &err.to_string());
-                    tokio::time::sleep(backoff).await;
+                    let stopping = tokio::select! {
+                        () = tokio::time::sleep(backoff) => false,
+                        _ = stop.wait_for(|stopped| *stopped) => true,
+                    };
+                    if stopping {
+                        tracing::info!(
+                            events = batch.len(),
+                            "stopping with a failing batch uncommitted: it is delivered again"
+                        );
+                        return;
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }

@@ -35,7 +35,13 @@ pub struct NewDeadLetter {
     pub raw_value: Option<String>,
 }
 
-/// Records a dead letter in the batch's transaction.
+/// PostgreSQL text cannot hold NUL: a dead letter keeps what it can of a poisonous value.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// Records a dead letter in the batch's transaction. Text is stored with any NUL replaced
+/// (U+FFFD), so the letter of an event PostgreSQL refuses can itself be stored.
 pub async fn record(tx: &mut PgConnection, letter: &NewDeadLetter) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO dead_letters
@@ -43,25 +49,24 @@ pub async fn record(tx: &mut PgConnection, letter: &NewDeadLetter) -> Result<(),
               event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
-    .bind(&letter.projection)
-    .bind(&letter.reason)
+    .bind(storable(&letter.projection))
+    .bind(storable(&letter.reason))
     .bind(letter.event_id)
-    .bind(&letter.aggregate_id)
+    .bind(letter.aggregate_id.as_deref().map(storable))
     .bind(letter.sequence)
     .bind(letter.global_position)
-    .bind(&letter.event_type)
-    .bind(&letter.event_version)
+    .bind(letter.event_type.as_deref().map(storable))
+    .bind(letter.event_version.as_deref().map(storable))
     .bind(&letter.source)
     .bind(letter.kafka_partition)
     .bind(letter.kafka_offset)
-    .bind(&letter.raw_headers)
-    // PostgreSQL text cannot hold NUL.
-    .bind(
-        letter
-            .raw_value
-            .as_ref()
-            .map(|v| v.replace('\0', "\u{FFFD}")),
-    )
+    .bind(letter.raw_headers.as_ref().map(|headers| {
+        serde_json::from_str::<serde_json::Value>(
+            &headers.to_string().replace("\\u0000", "\\ufffd"),
+        )
+        .unwrap_or(serde_json::Value::Null)
+    }))
+    .bind(letter.raw_value.as_deref().map(storable))
     .execute(tx)
     .await?;
     Ok(())

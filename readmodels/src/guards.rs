@@ -1,5 +1,7 @@
 //! `projection_guards`: per projection and aggregate, the last sequence handled.
 
+use std::collections::HashMap;
+
 use sqlx::PgConnection;
 
 /// What to do with an event, given the guard.
@@ -68,6 +70,62 @@ pub async fn advance(
     .bind(aggregate_id)
     .bind(sequence)
     .bind(position)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The last sequence handled of each of `aggregate_ids` in `projection`, locking their guard
+/// rows for the rest of the transaction (creating missing ones at 0) in one statement.
+///
+/// The rows are taken in key order (the `ORDER BY` feeds the insert, which creates or locks
+/// each row in turn), so two transactions locking overlapping sets wait for each other
+/// instead of deadlocking. `DO UPDATE … WHERE false` locks an existing row without writing
+/// a new version of it; the second statement reads the rows already locked.
+pub async fn lock_many(
+    tx: &mut PgConnection,
+    projection: &str,
+    aggregate_ids: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_guards AS g (projection, aggregate_id, last_sequence, last_position)
+         SELECT $1, a, 0, 0 FROM unnest($2::text[]) AS a ORDER BY a
+         ON CONFLICT (projection, aggregate_id) DO UPDATE SET last_sequence = g.last_sequence
+          WHERE false",
+    )
+    .bind(projection)
+    .bind(aggregate_ids)
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, last_sequence FROM projection_guards
+          WHERE projection = $1 AND aggregate_id = ANY($2::text[])",
+    )
+    .bind(projection)
+    .bind(aggregate_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Records, for each aggregate, the last sequence handled (at its position), in one
+/// statement. The rows must be locked by [`lock_many`] in this transaction.
+pub async fn advance_many(
+    tx: &mut PgConnection,
+    projection: &str,
+    aggregate_ids: &[&str],
+    sequences: &[i64],
+    positions: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_guards AS g SET last_sequence = d.s, last_position = d.p
+           FROM unnest($2::text[], $3::int8[], $4::int8[]) AS d (a, s, p)
+          WHERE g.projection = $1 AND g.aggregate_id = d.a",
+    )
+    .bind(projection)
+    .bind(aggregate_ids)
+    .bind(sequences)
+    .bind(positions)
     .execute(tx)
     .await?;
     Ok(())

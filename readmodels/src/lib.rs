@@ -15,8 +15,11 @@
 //!   per-partition offsets.
 //! - [`dead_letters`]: `dead_letters`, events a projection could not handle.
 //!
-//! Every `apply` takes the projector's open transaction: a read-model change, its guard and
-//! its checkpoint commit together or not at all.
+//! Every `apply_batch` takes the projector's open transaction and a batch of events: it reads
+//! the rows concerned in one statement, folds the events into them in memory, and writes
+//! each table in one statement (`unnest` arrays), so a batch costs a fixed number of
+//! statements whatever its size. A read-model change, its guard and its checkpoint commit
+//! together or not at all.
 
 pub mod dead_letters;
 pub mod guards;
@@ -98,6 +101,34 @@ pub enum ApplyError {
     /// The database failed: the whole batch is retried.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// The distinct aggregate ids of `events`, sorted: what a batch reads its rows by.
+pub fn distinct_ids<'a>(
+    events: impl IntoIterator<Item = &'a ledger_events::RecordedEvent>,
+) -> Vec<&'a str> {
+    let ids: std::collections::BTreeSet<&str> = events
+        .into_iter()
+        .map(|event| event.aggregate_id.as_str())
+        .collect();
+    ids.into_iter().collect()
+}
+
+/// Sends the change notification for each of `account_ids` (delivered when `tx` commits),
+/// in one statement.
+pub async fn notify_changes(
+    tx: &mut sqlx::PgConnection,
+    account_ids: &[&str],
+) -> Result<(), sqlx::Error> {
+    if account_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, a) FROM unnest($2::text[]) AS a")
+        .bind(CHANGES_CHANNEL)
+        .bind(account_ids)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// Sends the change notification for `account_id` (delivered when `tx` commits).

@@ -1,14 +1,14 @@
 //! `owner_totals`: per owner and currency, accounts and money, across aggregates.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, Utc};
 use ledger_events::{AccountEvent, RecordedEvent};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use crate::ApplyError;
-
 /// One owner's totals in one currency.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OwnerTotal {
     /// The owner.
     pub owner: String,
@@ -18,8 +18,9 @@ pub struct OwnerTotal {
     pub accounts: i64,
     /// Accounts open now.
     pub open_accounts: i64,
-    /// Sum of the balances, minor units.
-    pub balance: i64,
+    /// Sum of the balances, minor units. Wider than one account's balance: the column is
+    /// `numeric`, as an owner's accounts together may hold more than a bigint can.
+    pub balance: i128,
     /// Highest global position applied to this row.
     pub last_position: i64,
     /// The latest `recorded_at` among the events applied to the row: the greatest, not the
@@ -28,85 +29,214 @@ pub struct OwnerTotal {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A row of `owner_totals` as read: the `numeric` balance as text, which carries it exactly.
+#[derive(sqlx::FromRow)]
+struct TotalRow {
+    owner: String,
+    currency: String,
+    accounts: i64,
+    open_accounts: i64,
+    balance: String,
+    last_position: i64,
+    updated_at: DateTime<Utc>,
+}
+
 /// The totals of `owner`, one row per currency.
 pub async fn for_owner(pool: &PgPool, owner: &str) -> Result<Vec<OwnerTotal>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT owner, currency, accounts, open_accounts, balance, last_position, updated_at
+    let rows: Vec<TotalRow> = sqlx::query_as(
+        "SELECT owner, currency, accounts, open_accounts, balance::text AS balance,
+                last_position, updated_at
            FROM owner_totals WHERE owner = $1 ORDER BY currency",
     )
     .bind(owner)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(OwnerTotal {
+                balance: row
+                    .balance
+                    .parse()
+                    .map_err(|err| sqlx::Error::ColumnDecode {
+                        index: "balance".into(),
+                        source: Box::new(err),
+                    })?,
+                owner: row.owner,
+                currency: row.currency,
+                accounts: row.accounts,
+                open_accounts: row.open_accounts,
+                last_position: row.last_position,
+                updated_at: row.updated_at,
+            })
+        })
+        .collect()
 }
 
-/// Applies one event.
-pub async fn apply(
+/// What `owner_total_accounts` remembers of one account.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Account {
+    account_id: String,
+    owner: String,
+    currency: String,
+    balance: i64,
+    open: bool,
+}
+
+/// The change a batch makes to one owner's totals in one currency.
+#[derive(Debug, Clone, Default)]
+struct Change {
+    accounts: i64,
+    open_accounts: i64,
+    balance: i128,
+    last_position: i64,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+/// Applies `events` (in order): the accounts concerned are read from `owner_total_accounts`
+/// in one statement; balances, open flags and each owner's change are computed in memory;
+/// then one statement writes the accounts and one the owners' totals, in (owner, currency)
+/// order, so two batches touching the same owners lock their rows in the same order and
+/// never deadlock. Returns the events refused (index in `events`, reason).
+pub async fn apply_batch(
     tx: &mut PgConnection,
-    event: &RecordedEvent,
-    decoded: &AccountEvent,
-) -> Result<(), ApplyError> {
-    let id = event.aggregate_id.as_str();
-    if let AccountEvent::AccountOpened { owner, currency } = decoded {
-        let inserted = sqlx::query(
-            "INSERT INTO owner_total_accounts (account_id, owner, currency, balance, open)
-             VALUES ($1, $2, $3, 0, true) ON CONFLICT (account_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(currency.code())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted != 1 {
-            return Err(ApplyError::Refused(format!("account {id} opened twice")));
-        }
-        sqlx::query(
-            "INSERT INTO owner_totals AS t
-                 (owner, currency, accounts, open_accounts, balance, last_position, updated_at)
-             VALUES ($1, $2, 1, 1, 0, $3, $4)
-             ON CONFLICT (owner, currency) DO UPDATE
-                SET accounts = t.accounts + 1, open_accounts = t.open_accounts + 1,
-                    last_position = greatest(t.last_position, EXCLUDED.last_position),
-                    updated_at = greatest(t.updated_at, EXCLUDED.updated_at)",
-        )
-        .bind(owner)
-        .bind(currency.code())
-        .bind(event.global_position)
-        .bind(event.recorded_at)
-        .execute(&mut *tx)
-        .await?;
-        return Ok(());
+    events: &[(&RecordedEvent, &AccountEvent)],
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
     }
-    let delta = decoded.balance_delta();
-    let closes = matches!(decoded, AccountEvent::AccountClosed {});
-    let owner: Option<(String, String)> = sqlx::query_as(
-        "UPDATE owner_total_accounts SET balance = balance + $2, open = open AND NOT $3
-          WHERE account_id = $1 RETURNING owner, currency",
+    let ids = crate::distinct_ids(events.iter().map(|(event, _)| *event));
+    let mut accounts: BTreeMap<String, Account> = sqlx::query_as::<_, Account>(
+        "SELECT account_id, owner, currency, balance, open FROM owner_total_accounts
+          WHERE account_id = ANY($1::text[])",
     )
-    .bind(id)
-    .bind(delta)
-    .bind(closes)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((owner, currency)) = owner else {
-        return Err(ApplyError::Refused(format!(
-            "{} for account {id}, which was never opened",
-            event.event_type
-        )));
-    };
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|account| (account.account_id.clone(), account))
+    .collect();
+    let mut touched = BTreeSet::new();
+    let mut changes: BTreeMap<(String, String), Change> = BTreeMap::new();
+    let mut refused = Vec::new();
+    for (index, (event, decoded)) in events.iter().enumerate() {
+        let id = event.aggregate_id.as_str();
+        let (key, opens, closes, delta) = match decoded {
+            AccountEvent::AccountOpened { owner, currency } => {
+                if accounts.contains_key(id) {
+                    refused.push((index, format!("account {id} opened twice")));
+                    continue;
+                }
+                let account = Account {
+                    account_id: id.to_owned(),
+                    owner: owner.clone(),
+                    currency: currency.code().to_owned(),
+                    balance: 0,
+                    open: true,
+                };
+                let key = (account.owner.clone(), account.currency.clone());
+                accounts.insert(id.to_owned(), account);
+                (key, 1, 0, 0)
+            }
+            _ => {
+                let Some(account) = accounts.get_mut(id) else {
+                    refused.push((
+                        index,
+                        format!(
+                            "{} for account {id}, which was never opened",
+                            event.event_type
+                        ),
+                    ));
+                    continue;
+                };
+                let delta = decoded.balance_delta();
+                let Some(balance) = account.balance.checked_add(delta) else {
+                    refused.push((
+                        index,
+                        format!(
+                            "{} for account {id} takes its balance beyond what a bigint holds",
+                            event.event_type
+                        ),
+                    ));
+                    continue;
+                };
+                let closes = matches!(decoded, AccountEvent::AccountClosed {});
+                account.balance = balance;
+                account.open = account.open && !closes;
+                (
+                    (account.owner.clone(), account.currency.clone()),
+                    0,
+                    i64::from(closes),
+                    delta,
+                )
+            }
+        };
+        touched.insert(id);
+        let change = changes.entry(key).or_default();
+        change.accounts += opens;
+        change.open_accounts += opens - closes;
+        change.balance += i128::from(delta);
+        change.last_position = change.last_position.max(event.global_position);
+        change.updated_at = change.updated_at.max(Some(event.recorded_at));
+    }
+    if touched.is_empty() {
+        return Ok(refused);
+    }
+    let rows: Vec<&Account> = touched.iter().filter_map(|id| accounts.get(*id)).collect();
     sqlx::query(
-        "UPDATE owner_totals
-            SET balance = balance + $3, open_accounts = open_accounts - $4,
-                last_position = greatest(last_position, $5), updated_at = greatest(updated_at, $6)
-          WHERE owner = $1 AND currency = $2",
+        "INSERT INTO owner_total_accounts (account_id, owner, currency, balance, open)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[])
+         ON CONFLICT (account_id) DO UPDATE SET balance = EXCLUDED.balance, open = EXCLUDED.open",
     )
-    .bind(owner)
-    .bind(currency)
-    .bind(delta)
-    .bind(i64::from(closes))
-    .bind(event.global_position)
-    .bind(event.recorded_at)
+    .bind(
+        rows.iter()
+            .map(|a| a.account_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|a| a.owner.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|a| a.currency.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|a| a.balance).collect::<Vec<_>>())
+    .bind(rows.iter().map(|a| a.open).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    // The balance goes as text: the column is `numeric` (the sum of many bigint balances
+    // can exceed a bigint), and text carries any integer exactly.
+    sqlx::query(
+        "INSERT INTO owner_totals AS t
+             (owner, currency, accounts, open_accounts, balance, last_position, updated_at)
+         SELECT o, c, a, n, b::numeric, p, u
+           FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::int8[],
+                       $7::timestamptz[]) AS d (o, c, a, n, b, p, u)
+          ORDER BY o, c
+         ON CONFLICT (owner, currency) DO UPDATE
+            SET accounts = t.accounts + EXCLUDED.accounts,
+                open_accounts = t.open_accounts + EXCLUDED.open_accounts,
+                balance = t.balance + EXCLUDED.balance,
+                last_position = greatest(t.last_position, EXCLUDED.last_position),
+                updated_at = greatest(t.updated_at, EXCLUDED.updated_at)",
+    )
+    .bind(changes.keys().map(|(o, _)| o.as_str()).collect::<Vec<_>>())
+    .bind(changes.keys().map(|(_, c)| c.as_str()).collect::<Vec<_>>())
+    .bind(changes.values().map(|c| c.accounts).collect::<Vec<_>>())
+    .bind(
+        changes
+            .values()
+            .map(|c| c.open_accounts)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .values()
+            .map(|c| c.balance.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .values()
+            .map(|c| c.last_position)
+            .collect::<Vec<_>>(),
+    )
+    .bind(changes.values().map(|c| c.updated_at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(refused)
 }

@@ -3,13 +3,13 @@
 //! Pages are keyed by sequence (`after`), so a client walking the statement while new
 //! entries are appended sees every entry exactly once: appends only add higher sequences.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use ledger_events::{AccountEvent, RecordedEvent};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
-
-use crate::ApplyError;
 
 /// One statement entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -57,60 +57,109 @@ pub async fn page(
     .await
 }
 
-/// Applies one event: appends the entry with the running balance.
-pub async fn apply(
+/// Applies `events` (in order; several may be of one account): each account's last running
+/// balance is read in one statement, the entries are computed in memory (each with the
+/// balance after it) and appended in one statement. Returns the events refused (index in
+/// `events`, reason); a refused event appends nothing.
+pub async fn apply_batch(
     tx: &mut PgConnection,
-    event: &RecordedEvent,
-    decoded: &AccountEvent,
-) -> Result<(), ApplyError> {
-    let (entry_type, reference) = match decoded {
-        AccountEvent::AccountOpened { .. } => ("opened", None),
-        AccountEvent::MoneyDeposited { reference, .. } => ("deposit", reference.clone()),
-        AccountEvent::MoneyWithdrawn { reference, .. } => ("withdrawal", reference.clone()),
-        AccountEvent::AccountClosed {} => ("closed", None),
-        AccountEvent::TransferSent { .. } => ("transfer_sent", None),
-        AccountEvent::TransferReceived { .. } => ("transfer_received", None),
-        AccountEvent::TransferRefunded { reason, .. } => {
-            ("transfer_refunded", Some(reason.clone()))
-        }
-        // Moves no money: not a statement entry.
-        AccountEvent::TransferSettled { .. } => return Ok(()),
-    };
-    let amount = decoded.balance_delta();
-    let previous: Option<i64> = sqlx::query_scalar(
-        "SELECT balance_after FROM account_statements
-          WHERE account_id = $1 ORDER BY sequence DESC LIMIT 1",
-    )
-    .bind(&event.aggregate_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if previous.is_none() && entry_type != "opened" {
-        return Err(ApplyError::Refused(format!(
-            "{} for account {} before its opening",
-            event.event_type, event.aggregate_id
-        )));
+    events: &[(&RecordedEvent, &AccountEvent)],
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
     }
-    let balance_after = previous
-        .unwrap_or(0)
-        .checked_add(amount)
-        .ok_or_else(|| ApplyError::Refused("running balance overflows".into()))?;
+    let ids = crate::distinct_ids(events.iter().map(|(event, _)| *event));
+    let mut balances: HashMap<String, i64> = sqlx::query_as::<_, (String, Option<i64>)>(
+        "SELECT a.id, (SELECT balance_after FROM account_statements
+                        WHERE account_id = a.id ORDER BY sequence DESC LIMIT 1)
+           FROM unnest($1::text[]) AS a (id)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .filter_map(|(id, balance)| balance.map(|b| (id, b)))
+    .collect();
+    let mut refused = Vec::new();
+    let mut rows = Entries::default();
+    for (index, (event, decoded)) in events.iter().enumerate() {
+        let (entry_type, reference) = match decoded {
+            AccountEvent::AccountOpened { .. } => ("opened", None),
+            AccountEvent::MoneyDeposited { reference, .. } => ("deposit", reference.clone()),
+            AccountEvent::MoneyWithdrawn { reference, .. } => ("withdrawal", reference.clone()),
+            AccountEvent::AccountClosed {} => ("closed", None),
+            AccountEvent::TransferSent { .. } => ("transfer_sent", None),
+            AccountEvent::TransferReceived { .. } => ("transfer_received", None),
+            AccountEvent::TransferRefunded { reason, .. } => {
+                ("transfer_refunded", Some(reason.clone()))
+            }
+            // Moves no money: not a statement entry.
+            AccountEvent::TransferSettled { .. } => continue,
+        };
+        let previous = balances.get(&event.aggregate_id).copied();
+        if previous.is_none() && entry_type != "opened" {
+            refused.push((
+                index,
+                format!(
+                    "{} for account {} before its opening",
+                    event.event_type, event.aggregate_id
+                ),
+            ));
+            continue;
+        }
+        let amount = decoded.balance_delta();
+        let Some(balance_after) = previous.unwrap_or(0).checked_add(amount) else {
+            refused.push((index, "running balance overflows".into()));
+            continue;
+        };
+        balances.insert(event.aggregate_id.clone(), balance_after);
+        rows.account_id.push(event.aggregate_id.as_str());
+        rows.sequence.push(event.sequence);
+        rows.global_position.push(event.global_position);
+        rows.event_id.push(event.event_id);
+        rows.entry_type.push(entry_type);
+        rows.amount.push(amount);
+        rows.balance_after.push(balance_after);
+        rows.reference.push(reference);
+        rows.transfer_id.push(decoded.transfer_id());
+        rows.recorded_at.push(event.recorded_at);
+    }
+    if rows.account_id.is_empty() {
+        return Ok(refused);
+    }
     sqlx::query(
         "INSERT INTO account_statements
              (account_id, sequence, global_position, event_id, entry_type, amount,
               balance_after, reference, transfer_id, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
+                              $6::int8[], $7::int8[], $8::text[], $9::uuid[], $10::timestamptz[])",
     )
-    .bind(&event.aggregate_id)
-    .bind(event.sequence)
-    .bind(event.global_position)
-    .bind(event.event_id)
-    .bind(entry_type)
-    .bind(amount)
-    .bind(balance_after)
-    .bind(reference)
-    .bind(decoded.transfer_id())
-    .bind(event.recorded_at)
+    .bind(rows.account_id)
+    .bind(rows.sequence)
+    .bind(rows.global_position)
+    .bind(rows.event_id)
+    .bind(rows.entry_type)
+    .bind(rows.amount)
+    .bind(rows.balance_after)
+    .bind(rows.reference)
+    .bind(rows.transfer_id)
+    .bind(rows.recorded_at)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    Ok(refused)
+}
+
+/// The entries of a batch, column by column (as `unnest` takes them).
+#[derive(Default)]
+struct Entries<'a> {
+    account_id: Vec<&'a str>,
+    sequence: Vec<i64>,
+    global_position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    entry_type: Vec<&'static str>,
+    amount: Vec<i64>,
+    balance_after: Vec<i64>,
+    reference: Vec<Option<String>>,
+    transfer_id: Vec<Option<Uuid>>,
+    recorded_at: Vec<DateTime<Utc>>,
 }

@@ -1,11 +1,11 @@
 //! `account_summaries`: one row per account.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, Utc};
 use ledger_events::{AccountEvent, RecordedEvent};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
-
-use crate::ApplyError;
 
 /// One account as the query API answers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -49,66 +49,116 @@ pub async fn position_of(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::E
     Ok(position.unwrap_or(0))
 }
 
-/// Applies one event to the account's summary.
-pub async fn apply(
+/// Applies `events` (in order; several may be of one account) to the summaries: the rows
+/// of the accounts concerned are read in one statement, changed in memory, and written
+/// back in one statement. Returns the events refused (index in `events`, reason); a
+/// refused event changes nothing.
+pub async fn apply_batch(
     tx: &mut PgConnection,
+    events: &[(&RecordedEvent, &AccountEvent)],
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = crate::distinct_ids(events.iter().map(|(event, _)| *event));
+    let mut rows: BTreeMap<String, AccountSummary> = sqlx::query_as::<_, AccountSummary>(
+        "SELECT account_id, owner, currency, balance, status, version, last_position, updated_at
+           FROM account_summaries WHERE account_id = ANY($1::text[])",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|row| (row.account_id.clone(), row))
+    .collect();
+    let mut changed = BTreeSet::new();
+    let mut refused = Vec::new();
+    for (index, (event, decoded)) in events.iter().enumerate() {
+        match fold(&mut rows, event, decoded) {
+            Ok(()) => {
+                changed.insert(event.aggregate_id.as_str());
+            }
+            Err(reason) => refused.push((index, reason)),
+        }
+    }
+    let rows: Vec<&AccountSummary> = changed.iter().filter_map(|id| rows.get(*id)).collect();
+    if rows.is_empty() {
+        return Ok(refused);
+    }
+    sqlx::query(
+        "INSERT INTO account_summaries
+             (account_id, owner, currency, balance, status, version, last_position, updated_at)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                              $6::int8[], $7::int8[], $8::timestamptz[])
+         ON CONFLICT (account_id) DO UPDATE
+            SET balance = EXCLUDED.balance, status = EXCLUDED.status, version = EXCLUDED.version,
+                last_position = EXCLUDED.last_position, updated_at = EXCLUDED.updated_at",
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.account_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.last_position).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(refused)
+}
+
+/// One event's change to the summaries in memory, or why it does not fit.
+fn fold(
+    rows: &mut BTreeMap<String, AccountSummary>,
     event: &RecordedEvent,
     decoded: &AccountEvent,
-) -> Result<(), ApplyError> {
+) -> Result<(), String> {
     let id = event.aggregate_id.as_str();
-    let changed = match decoded {
-        AccountEvent::AccountOpened { owner, currency } => sqlx::query(
-            "INSERT INTO account_summaries
-                 (account_id, owner, currency, balance, status, version, last_position, updated_at)
-             VALUES ($1, $2, $3, 0, 'open', $4, $5, $6)
-             ON CONFLICT (account_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(currency.code())
-        .bind(event.sequence)
-        .bind(event.global_position)
-        .bind(event.recorded_at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected(),
-        AccountEvent::MoneyDeposited { .. }
-        | AccountEvent::MoneyWithdrawn { .. }
-        | AccountEvent::TransferSent { .. }
-        | AccountEvent::TransferReceived { .. }
-        | AccountEvent::TransferRefunded { .. }
-        | AccountEvent::TransferSettled { .. } => sqlx::query(
-            "UPDATE account_summaries
-                SET balance = balance + $2, version = $3, last_position = $4, updated_at = $5
-              WHERE account_id = $1",
-        )
-        .bind(id)
-        .bind(decoded.balance_delta())
-        .bind(event.sequence)
-        .bind(event.global_position)
-        .bind(event.recorded_at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected(),
-        AccountEvent::AccountClosed {} => sqlx::query(
-            "UPDATE account_summaries
-                SET status = 'closed', version = $2, last_position = $3, updated_at = $4
-              WHERE account_id = $1",
-        )
-        .bind(id)
-        .bind(event.sequence)
-        .bind(event.global_position)
-        .bind(event.recorded_at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected(),
-    };
-    if changed == 1 {
-        Ok(())
-    } else {
-        Err(ApplyError::Refused(format!(
+    let misfit = || {
+        format!(
             "{} for account {id} does not fit its summary (not opened, or opened twice)",
             event.event_type
-        )))
+        )
+    };
+    if let AccountEvent::AccountOpened { owner, currency } = decoded {
+        if rows.contains_key(id) {
+            return Err(misfit());
+        }
+        rows.insert(
+            id.to_owned(),
+            AccountSummary {
+                account_id: id.to_owned(),
+                owner: owner.clone(),
+                currency: currency.code().to_owned(),
+                balance: 0,
+                status: "open".into(),
+                version: event.sequence,
+                last_position: event.global_position,
+                updated_at: event.recorded_at,
+            },
+        );
+        return Ok(());
     }
+    let row = rows.get_mut(id).ok_or_else(misfit)?;
+    if matches!(decoded, AccountEvent::AccountClosed {}) {
+        row.status = "closed".into();
+    } else {
+        row.balance = row
+            .balance
+            .checked_add(decoded.balance_delta())
+            .ok_or_else(|| {
+                format!(
+                    "{} for account {id} takes its balance beyond what a bigint holds",
+                    event.event_type
+                )
+            })?;
+    }
+    row.version = event.sequence;
+    row.last_position = event.global_position;
+    row.updated_at = event.recorded_at;
+    Ok(())
 }

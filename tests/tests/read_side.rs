@@ -864,3 +864,287 @@ async fn a_consumer_that_receives_nothing_while_the_group_lags_is_reported_and_r
     .await;
     assert!(projector.status().await["process"]["stalled"].is_null());
 }
+
+/// Inserts `rows` (aggregate id, sequence, event type, version, payload as JSON text) into
+/// the store in one transaction, in this order: the projector reads them as one batch.
+async fn store_events(url: &str, rows: &[(&str, i64, &str, &str, String)]) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    for (aggregate, sequence, event_type, version, payload) in rows {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('account', $1, $2, $3, $4, $5::json, '{}')",
+        )
+        .bind(aggregate)
+        .bind(sequence)
+        .bind(event_type)
+        .bind(version)
+        .bind(payload)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+fn opened(owner: &str) -> String {
+    json!({"type": "AccountOpened", "owner": owner, "currency": "EUR"}).to_string()
+}
+
+fn deposited(amount: i64, reference: &str) -> String {
+    json!({"type": "MoneyDeposited", "amount": amount, "currency": "EUR", "reference": reference})
+        .to_string()
+}
+
+/// Waits until the summary of `account` exists; returns its (balance, version).
+async fn summary_of(url: &str, account: &str) -> (i64, i64) {
+    eventually(DEADLINE, &format!("{account} projected"), || async move {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance, version FROM account_summaries WHERE account_id = $1")
+                .bind(account)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        row.ok_or_else(|| "not yet".to_owned())
+    })
+    .await
+}
+
+/// One batch holds a deposit whose reference carries a NUL (PostgreSQL text cannot hold
+/// it: the statement's insert fails) and a deposit that would take a balance past a
+/// bigint. Each is dead-lettered by the projections it poisons, with the reason, and every
+/// other event of the batch is applied; the projector carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_poison_event_in_the_middle_applies_every_other_event() {
+    let url = migrated_database().await;
+    let mut rows = vec![("poisoned", 1, "AccountOpened", "1", opened("p"))];
+    for sequence in 2..=100 {
+        let reference = if sequence == 50 { "nul \0 here" } else { "ok" };
+        rows.push((
+            "poisoned",
+            sequence,
+            "MoneyDeposited",
+            "2",
+            deposited(1, reference),
+        ));
+    }
+    rows.push(("brimful", 1, "AccountOpened", "1", opened("q")));
+    rows.push((
+        "brimful",
+        2,
+        "MoneyDeposited",
+        "2",
+        deposited(i64::MAX, "all"),
+    ));
+    rows.push((
+        "brimful",
+        3,
+        "MoneyDeposited",
+        "2",
+        deposited(1, "one more"),
+    ));
+    rows.push((
+        "brimful",
+        4,
+        "AccountClosed",
+        "1",
+        json!({"type": "AccountClosed"}).to_string(),
+    ));
+    store_events(&url, &rows).await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    store_events(&url, &[("later", 1, "AccountOpened", "1", opened("p"))]).await;
+
+    summary_of(&url, "later").await;
+    assert_eq!(summary_of(&url, "poisoned").await, (99, 100));
+    assert_eq!(summary_of(&url, "brimful").await, (i64::MAX, 4));
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let sequences: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM account_statements WHERE account_id = 'poisoned' ORDER BY sequence",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        sequences,
+        (1..=100).filter(|s| *s != 50).collect::<Vec<i64>>()
+    );
+    let last: i64 = sqlx::query_scalar(
+        "SELECT balance_after FROM account_statements WHERE account_id = 'poisoned' AND sequence = 100",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        last, 98,
+        "the running balance leaves out the dead-lettered entry"
+    );
+    let letters: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT projection, aggregate_id, sequence, reason FROM dead_letters
+          ORDER BY aggregate_id, projection",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let found: Vec<(&str, &str, i64)> = letters
+        .iter()
+        .map(|(p, a, s, _)| (p.as_str(), a.as_str(), *s))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("account_statement", "brimful", 3),
+            ("account_summary", "brimful", 3),
+            ("owner_totals", "brimful", 3),
+            ("account_statement", "poisoned", 50),
+        ],
+        "{letters:?}"
+    );
+    assert!(
+        letters[3].3.starts_with("the database refused it (22"),
+        "{letters:?}"
+    );
+    assert!(letters[1].3.contains("bigint"), "{letters:?}");
+    let totals: Vec<(String, String)> =
+        sqlx::query_as("SELECT owner, balance::text FROM owner_totals ORDER BY owner")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        totals,
+        vec![
+            ("p".to_owned(), "99".to_owned()),
+            ("q".to_owned(), i64::MAX.to_string())
+        ]
+    );
+}
+
+/// Three accounts of one owner hold 2 × (2^63 − 1) + 5 minor units together: more than a
+/// bigint holds. The owner's total is exact (a `numeric` column), the query API answers it,
+/// and the projector carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact_total() {
+    let url = migrated_database().await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    let query = QueryApi::start(&url, &[]).await;
+    let mut rows = Vec::new();
+    for (account, amount) in [("rich-1", i64::MAX), ("rich-2", i64::MAX), ("rich-3", 5)] {
+        rows.push((account, 1, "AccountOpened", "1", opened("rich")));
+        rows.push((account, 2, "MoneyDeposited", "2", deposited(amount, "x")));
+    }
+    store_events(&url, &rows).await;
+    store_events(
+        &url,
+        &[("after-rich", 1, "AccountOpened", "1", opened("rich"))],
+    )
+    .await;
+    summary_of(&url, "after-rich").await;
+
+    let expected = (2 * i128::from(i64::MAX) + 5).to_string();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let (balance, accounts): (String, i64) =
+        sqlx::query_as("SELECT balance::text, accounts FROM owner_totals WHERE owner = 'rich'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!((balance.as_str(), accounts), (expected.as_str(), 4));
+    let letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(letters, 0);
+    let body = query
+        .client
+        .get(format!("{}/v1/owners/rich/totals", query.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains(&format!("\"balance\":{expected}")), "{body}");
+}
+
+/// Eight owners' accounts spread over eight partitions, deposits in random order, four
+/// workers: every batch touches several owners' totals. Batches lock rows in one global
+/// order, so PostgreSQL never has to break a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_partitions_under_load_apply_without_a_deadlock() {
+    let s = stack_with(&[("PROJECTOR_WORKERS", "4")], "8").await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'account', 'load-' || a, 1, 'AccountOpened', '1',
+                json_build_object('type','AccountOpened','owner','owner-' || (a % 8),'currency','EUR'),
+                '{}'::json
+           FROM generate_series(0, 63) a ORDER BY random()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for round in 0..3 {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'account', 'load-' || a, s, 'MoneyDeposited', '2',
+                    json_build_object('type','MoneyDeposited','amount',1,'currency','EUR','reference',null),
+                    '{}'::json
+               FROM generate_series(0, 63) a, generate_series($1, $1 + 19) s
+              ORDER BY s, random()",
+        )
+        .bind(2 + round * 20)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    wait_until_projected(&s.url, DEADLINE).await;
+    let totals: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT owner, balance::text, accounts FROM owner_totals ORDER BY owner")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(totals.len(), 8, "{totals:?}");
+    assert!(
+        totals.iter().all(|(_, b, a)| b == "480" && *a == 8),
+        "{totals:?}"
+    );
+    let mut projector = s.projector;
+    projector.process.signal(Signal::SIGTERM);
+    assert_eq!(
+        projector.process.exit_code(Duration::from_secs(40)).await,
+        0
+    );
+    let logs = projector.process.drain().await;
+    let deadlocks: Vec<&String> = logs
+        .iter()
+        .filter(|line| line.contains("deadlock detected"))
+        .collect();
+    assert!(deadlocks.is_empty(), "{deadlocks:#?}");
+}
+
+/// A batch that keeps failing (its table is gone) is retried; SIGTERM still stops the
+/// projector at once, long before its shutdown timeout, leaving the batch uncommitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_projector_that_is_retrying_a_failing_batch() {
+    let s = stack_with(&[("SHUTDOWN_TIMEOUT", "300s")], "3").await;
+    let mut conn = PgConnection::connect(&s.url).await.unwrap();
+    sqlx::query("ALTER TABLE account_summaries RENAME TO account_summaries_gone")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    s.api.open_account().await;
+    let mut projector = s.projector;
+    projector
+        .process
+        .wait_for_line("batch failed; retrying", DEADLINE)
+        .await;
+    projector.process.signal(Signal::SIGTERM);
+    assert_eq!(
+        projector.process.exit_code(Duration::from_secs(30)).await,
+        0
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM account_statements")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(applied, 0, "nothing of the failing batch was committed");
+}

@@ -3,8 +3,8 @@
 //! The shadow copy lives in schema `rebuild_<projection>`: the projection's tables plus its
 //! own guards, checkpoint and dead letters, created `LIKE` the live ones. Events are read
 //! from the event store (the source of truth) in commit-safe order and applied with the
-//! very code the live projector uses, by running it with `search_path` set to the shadow
-//! schema first. Each batch commits with the shadow's cursor, so a rebuild killed half way
+//! very code the live projector uses ([`apply_events`], batch by batch), by running it with
+//! `search_path` set to the shadow schema first. Each batch commits with the shadow's cursor, so a rebuild killed half way
 //! resumes where it stopped. The swap is one transaction: lock the live tables (the live
 //! projector and readers wait a moment), apply what arrived since, replace the live tables
 //! and guards with the shadow's, record the projection's version, drop the shadow. Readers
@@ -20,7 +20,7 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use super::{known, OpError};
-use crate::apply::{apply_guarded, Applied, Origin};
+use crate::apply::{apply_events, Applied, Origin};
 
 /// Where a rebuild is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -248,18 +248,18 @@ async fn apply_batch(
     batch: &[ledger_store::LogEntry],
 ) -> Result<i64, sqlx::Error> {
     let mut outcome = Applied::default();
-    for entry in batch {
-        apply_guarded(
-            tx,
-            &[projection],
-            &entry.event,
-            Origin::Store {
-                cursor: entry.cursor,
-            },
-            &mut outcome,
-        )
-        .await?;
-    }
+    let events: Vec<_> = batch
+        .iter()
+        .map(|entry| {
+            (
+                &entry.event,
+                Origin::Store {
+                    cursor: entry.cursor,
+                },
+            )
+        })
+        .collect();
+    apply_events(tx, &[projection], &events, &mut outcome).await?;
     Ok(i64::try_from(batch.len()).unwrap_or(i64::MAX))
 }
 
@@ -291,6 +291,13 @@ async fn swap(
 ) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    // Guards before tables, the order in which the live projector takes its locks (ADR
+    // 0013): a projector batch that holds guards and waits for a live table would otherwise
+    // deadlock with this swap replacing those guards. SHARE ROW EXCLUSIVE waits for the
+    // batches in flight and holds the next ones back; readers are not blocked by it.
+    sqlx::query("LOCK TABLE public.projection_guards IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
     let live: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
     sqlx::query(&format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",

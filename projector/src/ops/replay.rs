@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use super::{known, OpError};
-use crate::apply::{apply_guarded, Applied, Origin};
+use crate::apply::{apply_events, Applied, Origin};
 
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -41,19 +41,13 @@ pub async fn replay(
         };
         let mut tx = pool.begin().await?;
         let mut outcome = Applied::default();
-        for event in &events {
-            apply_guarded(
-                &mut tx,
-                &[projection],
-                event,
-                Origin::Store {
-                    cursor: ledger_store::LogCursor::default(),
-                },
-                &mut outcome,
-            )
-            .await?;
-            ledger_readmodels::notify_change(&mut tx, &event.aggregate_id).await?;
-        }
+        let origin = Origin::Store {
+            cursor: ledger_store::LogCursor::default(),
+        };
+        let batch: Vec<_> = events.iter().map(|event| (event, origin)).collect();
+        apply_events(&mut tx, &[projection], &batch, &mut outcome).await?;
+        let touched = ledger_readmodels::distinct_ids(events.iter());
+        ledger_readmodels::notify_changes(&mut tx, &touched).await?;
         tx.commit().await?;
         report.events += events.len() as u64;
         report.applied += outcome.applied;
