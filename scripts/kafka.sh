@@ -106,11 +106,13 @@ kafka_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# Runs java with the broker's classpath, heap and logging configuration, then the
+# arguments (a main class and its arguments). KAFKA_EXEC=1 replaces the shell with it.
 kafka_java() {
   # shellcheck disable=SC2086
-  java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" \
-    -cp "$KAFKA_HOME/lib/*" "$@"
+  set -- java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" -cp "$KAFKA_HOME/lib/*" "$@"
+  if [ "${KAFKA_EXEC:-}" = 1 ]; then exec "$@"; else "$@"; fi
 }
 
 # Writes DIR/server.properties for a combined broker+controller on the given ports.
@@ -176,7 +178,7 @@ kafka_start() {
     kafka_configure "$dir" "$port" "$controller"
   fi
   kafka_format "$dir" || return 1
-  nohup bash -c 'exec "$0" exec "$1" "$2" "$3"' "$(kafka_script_path)" "$dir" "$port" "$controller" \
+  nohup bash "$(kafka_script_path)" exec "$dir" "$port" "$controller" \
     >>"$dir/broker.log" 2>&1 </dev/null &
   echo $! >"$dir/pid"
   local deadline=$((SECONDS + 90))
@@ -215,10 +217,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
       [ -f "$KAFKA_HOME/lib/.complete" ] || ensure_kafka >&2
       [ -f "$dir/server.properties" ] || kafka_configure "$dir" "$port" "$controller"
       kafka_format "$dir"
-      # shellcheck disable=SC2086
-      exec java $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-        -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" \
-        -cp "$KAFKA_HOME/lib/*" kafka.Kafka "$dir/server.properties"
+      KAFKA_EXEC=1 kafka_java kafka.Kafka "$dir/server.properties"
       ;;
     *) sed -n '2,20p' "$0" >&2; exit 2 ;;
   esac

@@ -114,6 +114,26 @@ pub fn distinct_ids<'a>(
     ids.into_iter().collect()
 }
 
+/// Folds each of `events` (in order) with `fold`: returns the aggregates a fold changed and
+/// the events refused (index in `events`, reason). Shared by the projections whose rows are
+/// one per aggregate.
+pub fn fold_events<'a, D>(
+    events: &[(&'a ledger_events::RecordedEvent, &D)],
+    mut fold: impl FnMut(&ledger_events::RecordedEvent, &D) -> Result<(), String>,
+) -> (std::collections::BTreeSet<&'a str>, Vec<(usize, String)>) {
+    let mut changed = std::collections::BTreeSet::new();
+    let mut refused = Vec::new();
+    for (index, (event, decoded)) in events.iter().enumerate() {
+        match fold(event, decoded) {
+            Ok(()) => {
+                changed.insert(event.aggregate_id.as_str());
+            }
+            Err(reason) => refused.push((index, reason)),
+        }
+    }
+    (changed, refused)
+}
+
 /// Sends the change notification for each of `account_ids` (delivered when `tx` commits),
 /// in one statement.
 pub async fn notify_changes(

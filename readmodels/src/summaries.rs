@@ -1,6 +1,6 @@
 //! `account_summaries`: one row per account.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use ledger_events::{AccountEvent, RecordedEvent};
@@ -71,16 +71,8 @@ pub async fn apply_batch(
     .into_iter()
     .map(|row| (row.account_id.clone(), row))
     .collect();
-    let mut changed = BTreeSet::new();
-    let mut refused = Vec::new();
-    for (index, (event, decoded)) in events.iter().enumerate() {
-        match fold(&mut rows, event, decoded) {
-            Ok(()) => {
-                changed.insert(event.aggregate_id.as_str());
-            }
-            Err(reason) => refused.push((index, reason)),
-        }
-    }
+    let (changed, refused) =
+        crate::fold_events(events, |event, decoded| fold(&mut rows, event, decoded));
     let rows: Vec<&AccountSummary> = changed.iter().filter_map(|id| rows.get(*id)).collect();
     if rows.is_empty() {
         return Ok(refused);
