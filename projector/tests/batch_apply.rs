@@ -235,3 +235,116 @@ async fn one_batch_gives_the_rows_guards_and_dead_letters_of_one_event_at_a_time
     // never-opened: 3 projections; c opened twice: summary and owner_totals; x: 3.
     assert_eq!(in_one_batch["letters"].as_array().unwrap().len(), 8);
 }
+
+/// Promise 5 across partitions: two accounts of one owner live on different Kafka
+/// partitions, so their events may be applied in either order. Both orders give the same
+/// rows (owner totals included, whose `updated_at` is the latest event's time, not the last
+/// applied one's), and so does a rebuild, which applies in log order.
+#[tokio::test]
+async fn the_order_in_which_partitions_are_applied_changes_no_row() {
+    let (url, pool) = fresh_database().await;
+    let eur = "EUR";
+    let written = [
+        (
+            A,
+            1,
+            json!({"type": "AccountOpened", "owner": "o1", "currency": eur}),
+        ),
+        (
+            B,
+            1,
+            json!({"type": "AccountOpened", "owner": "o1", "currency": eur}),
+        ),
+        (
+            A,
+            2,
+            json!({"type": "MoneyDeposited", "amount": 10, "currency": eur, "reference": null}),
+        ),
+        (
+            B,
+            2,
+            json!({"type": "MoneyDeposited", "amount": 20, "currency": eur, "reference": null}),
+        ),
+    ];
+    // One transaction each: every event has its own `recorded_at`.
+    for (id, sequence, payload) in &written {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('account', $1, $2, $3, $4, $5, '{}')",
+        )
+        .bind(id)
+        .bind(sequence)
+        .bind(payload["type"].as_str().unwrap())
+        .bind(version(payload))
+        .bind(payload)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let stored = loop {
+        let stored = ledger_store::read_after(&pool, LogCursor::default(), 1_000)
+            .await
+            .unwrap();
+        if stored.len() == written.len() {
+            break stored;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} events readable",
+            stored.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let of = |id: &str| -> Vec<_> {
+        stored
+            .iter()
+            .filter(|e| e.event.aggregate_id == id)
+            .map(|e| {
+                (
+                    &e.event,
+                    Origin::Store {
+                        cursor: LogCursor::default(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let in_log_order: Vec<_> = stored
+        .iter()
+        .map(|e| {
+            (
+                &e.event,
+                Origin::Store {
+                    cursor: LogCursor::default(),
+                },
+            )
+        })
+        .collect();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let mut snapshots = Vec::new();
+    for batches in [
+        vec![in_log_order.clone()],
+        vec![of(A), of(B)],
+        vec![of(B), of(A)],
+    ] {
+        let mut tx = conn.begin().await.unwrap();
+        let mut applied = Applied::default();
+        for batch in &batches {
+            apply_events(&mut tx, &names::ALL, batch, &mut applied)
+                .await
+                .unwrap();
+        }
+        snapshots.push(snapshot(&mut tx).await);
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(snapshots[0]["totals"][0]["balance"], 30);
+    assert_eq!(
+        snapshots[1], snapshots[0],
+        "A's partition first differs from the log order"
+    );
+    assert_eq!(
+        snapshots[2], snapshots[0],
+        "B's partition first differs from the log order"
+    );
+}
