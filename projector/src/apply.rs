@@ -275,59 +275,46 @@ pub async fn apply_events(
     if events.is_empty() {
         return Ok(());
     }
-    let mut attempt = Applied::default();
-    let mut savepoint = tx.begin().await?;
-    match apply_set(&mut savepoint, projections, events, &mut attempt).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            outcome.absorb(attempt);
-            Ok(())
-        }
-        Err(err) if is_data_error(&err) => {
-            savepoint.rollback().await?;
-            tracing::warn!(
-                error = %err,
-                events = events.len(),
-                "the database refuses a value of this batch: isolating the event at fault"
-            );
-            isolate(tx, projections, events, outcome).await
-        }
-        Err(err) => Err(err),
-    }
+    apply_or_split(tx, projections, events, outcome).await
 }
 
-/// Applies `events` in halves, each in a savepoint, splitting a half again when the
-/// database refuses it, down to single events.
-fn isolate<'a>(
+/// Applies `events` in a savepoint; when the database refuses a value of them, rolls that
+/// back and applies each half the same way, down to the single event at fault, which
+/// [`isolate_one`] dead-letters per projection.
+fn apply_or_split<'a>(
     tx: &'a mut PgConnection,
     projections: &'a [&'a str],
     events: &'a [(&'a RecordedEvent, Origin)],
     outcome: &'a mut Applied,
 ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
     Box::pin(async move {
-        if let [(event, origin)] = events {
-            for projection in projections {
-                isolate_one(tx, projection, event, *origin, outcome).await?;
+        let mut attempt = Applied::default();
+        let mut savepoint = tx.begin().await?;
+        match apply_set(&mut savepoint, projections, events, &mut attempt).await {
+            Ok(()) => {
+                savepoint.commit().await?;
+                outcome.absorb(attempt);
+                Ok(())
             }
-            return Ok(());
-        }
-        let (first, second) = events.split_at(events.len() / 2);
-        for half in [first, second] {
-            let mut attempt = Applied::default();
-            let mut savepoint = tx.begin().await?;
-            match apply_set(&mut savepoint, projections, half, &mut attempt).await {
-                Ok(()) => {
-                    savepoint.commit().await?;
-                    outcome.absorb(attempt);
+            Err(err) if is_data_error(&err) => {
+                savepoint.rollback().await?;
+                if let [(event, origin)] = events {
+                    for projection in projections {
+                        isolate_one(tx, projection, event, *origin, outcome).await?;
+                    }
+                    return Ok(());
                 }
-                Err(err) if is_data_error(&err) => {
-                    savepoint.rollback().await?;
-                    isolate(tx, projections, half, outcome).await?;
-                }
-                Err(err) => return Err(err),
+                tracing::warn!(
+                    error = %err,
+                    events = events.len(),
+                    "the database refuses a value of this batch: isolating the event at fault"
+                );
+                let (first, second) = events.split_at(events.len() / 2);
+                apply_or_split(tx, projections, first, outcome).await?;
+                apply_or_split(tx, projections, second, outcome).await
             }
+            Err(err) => Err(err),
         }
-        Ok(())
     })
 }
 
