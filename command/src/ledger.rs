@@ -7,18 +7,16 @@
 
 use std::time::Duration;
 
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{AggregateError, EventStore};
 use ledger_events::Metadata;
+use ledger_store::aggregates;
 use rand::Rng;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::domain::{Account, Decider};
 use crate::idempotency;
-use crate::store::{self, LedgerRepository};
 use crate::transfer_steps::{self, StepClaim};
-use crate::writer::{WriterConfig, Writers};
+use crate::writer::{self, WriterConfig, Writers};
 
 /// One command with its metadata.
 #[derive(Debug, Clone)]
@@ -112,7 +110,6 @@ impl RetryPolicy {
 /// Executes commands of one aggregate type against the event store.
 pub struct Ledger<A: Decider = Account> {
     pool: PgPool,
-    store: PersistedEventStore<LedgerRepository, A>,
     writers: Writers<A>,
     retry: RetryPolicy,
 }
@@ -143,9 +140,7 @@ where
 
     /// A ledger over `pool` with writers sized by `writers`.
     pub fn with_writers(pool: PgPool, retry: RetryPolicy, writers: WriterConfig) -> Self {
-        let snapshot_every = usize::try_from(writers.snapshot_every).unwrap_or(usize::MAX);
         Self {
-            store: store::event_store(pool.clone(), snapshot_every),
             writers: Writers::start(pool.clone(), writers),
             pool,
             retry,
@@ -163,15 +158,7 @@ where
     #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %intent.aggregate_id))]
     pub async fn execute(&self, intent: Intent<A>) -> Result<Outcome<A>, LedgerError<A::Error>> {
         for attempt in 0..=self.retry.max_retries {
-            match self
-                .writers
-                .submit(
-                    intent.aggregate_id,
-                    intent.command.clone(),
-                    intent.metadata.clone(),
-                )
-                .await
-            {
+            match self.writers.submit(intent.clone()).await {
                 Err(LedgerError::Conflict { .. }) => {
                     if let Some(key) = idempotency::ClientKey::of(&intent.metadata) {
                         if idempotency::is_claimed(&self.pool, &key)
@@ -206,15 +193,18 @@ where
         })
     }
 
-    /// The aggregate's current state and version (0 when it has no events).
+    /// The aggregate's current state and version (0 when it has no events), read from the
+    /// store (its latest snapshot and the events after it).
     pub async fn load(&self, aggregate_id: Uuid) -> Result<(A, i64), LedgerError<A::Error>> {
-        let context = self
-            .store
-            .load_aggregate(&aggregate_id.to_string())
+        let stored = aggregates::load(&self.pool, A::TYPE, &[aggregate_id.to_string()])
             .await
-            .map_err(classify)?;
-        let version = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
-        Ok((context.aggregate, version))
+            .map_err(sql_error)?;
+        match stored.first() {
+            Some(stored) => writer::restore::<A>(stored)
+                .map(|entry| (entry.state, entry.version))
+                .map_err(LedgerError::Internal),
+            None => Ok((A::default(), 0)),
+        }
     }
 
     /// The outcome of an earlier command whose last event is `appended`, folded from the
@@ -226,20 +216,31 @@ where
     ) -> Result<Outcome<A>, LedgerError<A::Error>> {
         let aggregate_id = Uuid::parse_str(&appended.aggregate_id)
             .map_err(|err| LedgerError::Internal(format!("stored aggregate id: {err}")))?;
-        let events = self
-            .store
-            .load_events(&appended.aggregate_id)
-            .await
-            .map_err(classify)?;
+        let events = aggregates::events_through(
+            &self.pool,
+            A::TYPE,
+            &appended.aggregate_id,
+            appended.last_sequence,
+        )
+        .await
+        .map_err(sql_error)?;
         let mut state = A::default();
-        let mut count = 0;
-        for envelope in events
-            .iter()
-            .filter(|e| i64::try_from(e.sequence).is_ok_and(|s| s <= appended.last_sequence))
-        {
-            state.fold(&envelope.payload);
-            count += 1;
+        for recorded in &events {
+            let event = A::read(recorded).map_err(|err| {
+                LedgerError::Internal(format!(
+                    "event {} of {}: {err}",
+                    recorded.sequence, recorded.aggregate_id
+                ))
+            })?;
+            state.fold(&event);
         }
+        // The command's own events: the last one's command attempt, counted back.
+        let command_id = events.last().and_then(|e| e.metadata.command_id.clone());
+        let count = events
+            .iter()
+            .rev()
+            .take_while(|e| e.metadata.command_id == command_id)
+            .count();
         Ok(Outcome {
             aggregate_id,
             state,
@@ -255,25 +256,8 @@ where
     }
 }
 
-fn classify<E: std::error::Error>(err: AggregateError<E>) -> LedgerError<E> {
-    match err {
-        AggregateError::UserError(rule) => LedgerError::Rejected(rule),
-        AggregateError::AggregateConflict => LedgerError::Conflict { attempts: 1 },
-        AggregateError::DatabaseConnectionError(err) => LedgerError::Unavailable(err.to_string()),
-        AggregateError::UnexpectedError(err) => match err.downcast_ref::<sqlx::Error>() {
-            Some(sql) => sql_error_ref(sql),
-            None => LedgerError::Internal(err.to_string()),
-        },
-        AggregateError::DeserializationError(err) => LedgerError::Internal(err.to_string()),
-    }
-}
-
 fn sql_error<E: std::error::Error>(err: sqlx::Error) -> LedgerError<E> {
-    sql_error_ref(&err)
-}
-
-fn sql_error_ref<E: std::error::Error>(err: &sqlx::Error) -> LedgerError<E> {
-    if ledger_platform::db::is_unavailable(err) {
+    if ledger_platform::db::is_unavailable(&err) {
         LedgerError::Unavailable(err.to_string())
     } else {
         LedgerError::Internal(err.to_string())

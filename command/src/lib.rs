@@ -3,11 +3,13 @@
 //! # Layout
 //!
 //! - [`config`]: settings from the environment, validated at start.
-//! - [`domain`]: the account aggregate (cqrs-es): commands in, events or a rule broken out.
-//! - [`store`]: the postgres-es event repository (with its snapshot race made safe) and the
-//!   global position lookup.
-//! - [`ledger`]: executes one intent through its writer; retries lost version races.
-//! - [`writer`]: group commit with aggregates kept in memory (ADR 0010).
+//! - [`domain`]: the account and transfer aggregates: commands in, events or a rule broken
+//!   out (cqrs-es's `Aggregate` trait, tested with its `TestFramework`).
+//! - [`ledger`]: executes one intent through its writer; retries lost version races; loads
+//!   an aggregate or an earlier outcome from the store.
+//! - [`writer`]: group commit with aggregates kept in memory (ADR 0010): the queue and
+//!   batching loop, the pure decide step (`writer::decide`), and the statements of
+//!   `ledger_store::aggregates`, through which every load and append goes.
 //! - [`idempotency`]: the `idempotency_keys` table and request fingerprints.
 //! - [`http`]: the axum routes, the `ApiError` → problem+json mapping, request headers.
 //! - [`startup`]: [`startup::Application`], which `main` and the tests both start.
@@ -30,6 +32,5 @@ pub mod http;
 pub mod idempotency;
 pub mod ledger;
 pub mod startup;
-pub mod store;
 pub mod transfer_steps;
 pub mod writer;

@@ -1,11 +1,17 @@
-//! The events table as every part reads it: the log in commit-safe order, positions, lag.
-//! postgres-es owns the writes; every other SQL on `events` lives here.
+//! The event store: every statement on `events` and `snapshots` lives here. The command
+//! side loads and appends aggregates through [`aggregates`]; the relay, the projector and
+//! the operator tools read the log through [`log`].
 //!
 //! # Layout
 //!
+//! - [`aggregates`]: load many aggregates (latest snapshot plus the events after it),
+//!   their current versions, append a batch of events and snapshots in one statement, and
+//!   find out whether a batch whose commit was not acknowledged is in.
 //! - [`log`]: [`LogCursor`], [`read_after`] (the commit-safe read), [`lag`], and
 //!   [`LogNotifications`] (wake-ups on new commits).
-//! - [`positions`]: look-ups by aggregate and sequence.
+//!
+//! Payloads are stored as written; reading them through the contract's upcasters is
+//! [`ledger_events::RecordedEvent`]'s job, the one place upcasting happens.
 //!
 //! # The ordering guarantee
 //!
@@ -17,8 +23,8 @@
 //! ended, so no event can ever appear behind a reader's cursor. One aggregate's events keep
 //! their sequence order in this order too (sequence n+1 is written by a later transaction).
 
+pub mod aggregates;
 pub mod log;
-pub mod positions;
 
 pub use log::{
     event_by_id, events_of, head, lag, read_after, read_positions, Lag, LogCursor, LogEntry,

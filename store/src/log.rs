@@ -40,7 +40,7 @@ const SELECT_EVENTS: &str =
    FROM events";
 
 #[derive(sqlx::FromRow)]
-struct Row {
+pub(crate) struct Row {
     transaction_id: i64,
     global_position: i64,
     event_id: Uuid,
@@ -147,7 +147,7 @@ pub async fn head(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
 }
 
 impl Row {
-    fn into_entry(self) -> LogEntry {
+    pub(crate) fn into_entry(self) -> LogEntry {
         LogEntry {
             cursor: LogCursor {
                 transaction_id: self.transaction_id,

@@ -1,6 +1,8 @@
 //! The account aggregate: opened in one currency, credited, debited, closed at zero.
 
-use ledger_events::{AccountEvent, Amount, Currency, ACCOUNT_AGGREGATE_TYPE};
+use ledger_events::{
+    AccountEvent, Amount, Currency, DecodeError, RecordedEvent, ACCOUNT_AGGREGATE_TYPE,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -262,6 +264,10 @@ impl Decider for Account {
                 self.transfers_in_flight = self.transfers_in_flight.saturating_sub(1);
             }
         }
+    }
+
+    fn read(event: &RecordedEvent) -> Result<Self::Event, DecodeError> {
+        event.decode_account()
     }
 }
 

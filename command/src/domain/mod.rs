@@ -2,6 +2,7 @@
 //! No I/O happens here; tests are given/when/then on events.
 
 use cqrs_es::Aggregate;
+use ledger_events::{DecodeError, RecordedEvent};
 
 pub use account::{Account, AccountCommand, AccountError, AccountStatus};
 pub use transfer::{Transfer, TransferCommand, TransferError, TransferStatus};
@@ -17,6 +18,10 @@ pub trait Decider:
 
     /// Folds one event into the state. Events are facts: this never fails.
     fn fold(&mut self, event: &Self::Event);
+
+    /// Reads one of its stored events through the contract's upcasters (the one place
+    /// upcasting happens: [`RecordedEvent`]).
+    fn read(event: &RecordedEvent) -> Result<Self::Event, DecodeError>;
 }
 
 /// Implements cqrs-es's `Aggregate` for a [`Decider`]: `handle` writes what `decide`

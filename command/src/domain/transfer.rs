@@ -6,7 +6,9 @@
 //! knows (completing a failed transfer) is refused, which would reveal a bug rather than
 //! move money.
 
-use ledger_events::{Amount, Currency, TransferEvent, TRANSFER_AGGREGATE_TYPE};
+use ledger_events::{
+    Amount, Currency, DecodeError, RecordedEvent, TransferEvent, TRANSFER_AGGREGATE_TYPE,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -194,6 +196,10 @@ impl Decider for Transfer {
                 self.failure = Some((code.clone(), reason.clone()));
             }
         }
+    }
+
+    fn read(event: &RecordedEvent) -> Result<Self::Event, DecodeError> {
+        event.decode_transfer()
     }
 }
 

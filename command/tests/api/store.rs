@@ -1,10 +1,9 @@
-//! The event store: extra columns, upcasting, snapshots, the snapshot race, the key trigger.
+//! The event store: extra columns, upcasting, snapshots, a batch against a newer snapshot, the key trigger.
 
-use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
-use ledger_command::domain::{Account, AccountCommand};
+use ledger_command::domain::{Account, AccountCommand, AccountStatus};
 use ledger_command::ledger::{Intent, Ledger, RetryPolicy};
-use ledger_command::store::LedgerRepository;
 use ledger_events::{Amount, Metadata};
+use ledger_store::aggregates::{self, Batch, NewEvent};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -62,6 +61,12 @@ async fn an_account_written_by_version_1_of_the_contract_is_loaded_by_todays_cod
         .await
         .unwrap();
     }
+    let ledger: Ledger<Account> = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
+    let (state, version) = ledger.load(id).await.unwrap();
+    assert_eq!(
+        (state.balance, state.status, version),
+        (50, AccountStatus::Open, 3)
+    );
     let answer = app.withdraw(id, 50, None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["balance"], 0);
@@ -114,63 +119,76 @@ async fn snapshots_are_taken_every_n_events_and_loading_from_them_gives_the_same
     assert_eq!(outcome.version, 14);
 }
 
-fn event(id: &str, sequence: usize, command_id: Option<&str>) -> SerializedEvent {
-    let metadata = match command_id {
-        Some(command_id) => json!({"command_id": command_id}),
-        None => json!({}),
-    };
-    SerializedEvent::new(
-        id.to_owned(),
+fn deposit_of(id: &str, sequence: i64, command_id: &str) -> NewEvent {
+    NewEvent {
+        aggregate_id: id.to_owned(),
         sequence,
-        "account".into(),
-        "MoneyDeposited".into(),
-        "2".into(),
-        json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null}),
-        metadata,
-    )
+        event_type: "MoneyDeposited".into(),
+        event_version: "2".into(),
+        payload:
+            json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null})
+                .to_string(),
+        metadata: json!({"command_id": command_id}).to_string(),
+        command_id: command_id.to_owned(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_snapshot_after_a_durable_commit_is_not_reported_as_a_conflict() {
-    // postgres-es commits the events, then finds the snapshot row moved on and reports a
-    // conflict. The events are durable, so the caller must be told so (or it would retry
-    // and apply the command twice).
+async fn a_snapshot_row_ahead_of_the_batch_never_fails_its_events_and_a_taken_sequence_does() {
+    // The snapshot is a cache and the events the truth: a batch whose snapshot is older
+    // than the stored one commits its events and leaves the newer snapshot alone.
     let (_, pool) = fresh_database().await;
-    let repo = LedgerRepository::new(pool.clone());
     let id = Uuid::new_v4().to_string();
     sqlx::query(
         "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
-         VALUES ('account', $1, 0, 2, '{}')",
+         VALUES ('account', $1, 5, 2, '{}')",
     )
     .bind(&id)
     .execute(&pool)
     .await
     .unwrap();
-    // This writer believes the snapshot is at 1 and wants to move it to 2.
-    let result = repo
-        .persist::<Account>(
-            &[event(&id, 1, Some("attempt-1"))],
-            Some((id.clone(), json!({}), 2)),
-        )
-        .await;
-    assert!(result.is_ok(), "{result:?}");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
-        .bind(&id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(stored, 1);
+    let mut batch = Batch::default();
+    batch.push_event(deposit_of(&id, 1, "attempt-1"));
+    batch.push_snapshot(&id, 1, "{\"stale\": true}".into());
+    let positions = aggregates::append(&pool, "account", &batch).await.unwrap();
+    assert_eq!(positions.len(), 1);
+    let (last_sequence, payload): (i64, String) = sqlx::query_as(
+        "SELECT last_sequence, payload::text FROM snapshots WHERE aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((last_sequence, payload.as_str()), (5, "{}"));
+    assert_eq!(
+        aggregates::find_appended(&pool, "account", &batch)
+            .await
+            .unwrap(),
+        positions,
+        "a committed batch is found by its command attempts"
+    );
 
-    // A real conflict (the sequence is taken by another attempt) is still a conflict.
-    let result = repo
-        .persist::<Account>(
-            &[event(&id, 1, Some("attempt-2"))],
-            Some((id.clone(), json!({}), 3)),
-        )
-        .await;
+    // Another attempt at the same sequence conflicts, writes nothing, and is not mistaken
+    // for committed when its outcome is checked.
+    let mut rival = Batch::default();
+    rival.push_event(deposit_of(&id, 1, "attempt-2"));
+    let err = aggregates::append(&pool, "account", &rival)
+        .await
+        .unwrap_err();
     assert!(
-        matches!(result, Err(PersistenceError::OptimisticLockError)),
-        "{result:?}"
+        err.as_database_error()
+            .is_some_and(|db| db.is_unique_violation()),
+        "{err}"
+    );
+    assert!(aggregates::find_appended(&pool, "account", &rival)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        aggregates::versions(&pool, "account", std::slice::from_ref(&id))
+            .await
+            .unwrap()[&id],
+        1
     );
 }
 

@@ -45,18 +45,20 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use cqrs_es::persist::{EventUpcaster, SerializedEvent};
-use cqrs_es::DomainEvent;
-use ledger_events::Metadata;
-use serde_json::Value;
+use ledger_store::aggregates::{self, Batch, Positions};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::domain::Decider;
 use crate::idempotency::{self, ClientKey};
-use crate::ledger::{LedgerError, Outcome};
+use crate::ledger::{Intent, LedgerError, Outcome};
 use crate::transfer_steps;
+
+mod decide;
+
+pub(crate) use decide::{restore, Entry};
+use decide::{Decided, Decision, Known, Reply};
 
 /// How the writers of one aggregate type are sized.
 #[derive(Debug, Clone, Copy)]
@@ -94,13 +96,9 @@ impl Default for WriterConfig {
     }
 }
 
-type Reply<A> = Result<Outcome<A>, LedgerError<<A as cqrs_es::Aggregate>::Error>>;
-
 /// One command waiting for its writer.
 struct Job<A: Decider> {
-    aggregate_id: Uuid,
-    command: A::Command,
-    metadata: Metadata,
+    intent: Intent<A>,
     reply: oneshot::Sender<Reply<A>>,
 }
 
@@ -109,8 +107,9 @@ impl<A: Decider> Job<A> {
     fn claims(&self) -> impl Iterator<Item = String> + '_ {
         // The key in its client's scope, as the trigger claims it (keys are visible ASCII,
         // so a newline cannot occur in one).
-        let key = ClientKey::of(&self.metadata).map(|k| format!("k:{}\n{}", k.scope, k.key));
+        let key = ClientKey::of(&self.intent.metadata).map(|k| format!("k:{}\n{}", k.scope, k.key));
         let step = self
+            .intent
             .metadata
             .transfer_step
             .as_ref()
@@ -142,7 +141,6 @@ where
     pub(crate) fn start(pool: PgPool, config: WriterConfig) -> Self {
         let writers = config.writers.max(1);
         let capacity = (config.cache_capacity / writers as u64).max(1);
-        let upcasters: Arc<[Box<dyn EventUpcaster>]> = ledger_events::upcast::upcasters().into();
         let queue_max = config.queue_max.max(1);
         let faults = Arc::new(Faults {
             lost_commits: AtomicU32::new(config.fault_lost_commits),
@@ -154,7 +152,6 @@ where
                 let writer = Writer::<A> {
                     pool: pool.clone(),
                     cache: moka::sync::Cache::new(capacity),
-                    upcasters: upcasters.clone(),
                     batch_max: config.batch_max.max(1),
                     snapshot_every: config.snapshot_every.max(1),
                     faults: faults.clone(),
@@ -171,21 +168,11 @@ where
     /// on fresh state and may be retried; [`LedgerError::Overloaded`] that the writer's
     /// queue was full and the command was not queued. Dropping the returned future before
     /// the writer takes the command into a batch withdraws it.
-    pub(crate) async fn submit(
-        &self,
-        aggregate_id: Uuid,
-        command: A::Command,
-        metadata: Metadata,
-    ) -> Reply<A> {
-        let shard =
-            usize::try_from(aggregate_id.as_u128() % self.queues.len() as u128).unwrap_or_default();
+    pub(crate) async fn submit(&self, intent: Intent<A>) -> Reply<A> {
+        let shard = usize::try_from(intent.aggregate_id.as_u128() % self.queues.len() as u128)
+            .unwrap_or_default();
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            aggregate_id,
-            command,
-            metadata,
-            reply,
-        };
+        let job = Job { intent, reply };
         match self.queues[shard].try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -203,56 +190,6 @@ where
             .await
             .unwrap_or_else(|_| Err(LedgerError::Internal("the writer has stopped".into())))
     }
-}
-
-/// What is known about one aggregate.
-#[derive(Debug, Clone)]
-struct Entry<A> {
-    state: A,
-    /// Sequence of its last event (0: no events).
-    version: i64,
-    /// Global position of its last event (0: no events).
-    position: i64,
-}
-
-impl<A: Default> Default for Entry<A> {
-    fn default() -> Self {
-        Self {
-            state: A::default(),
-            version: 0,
-            position: 0,
-        }
-    }
-}
-
-/// The rows one statement appends.
-#[derive(Default)]
-struct Rows {
-    aggregate_ids: Vec<String>,
-    sequences: Vec<i64>,
-    event_types: Vec<String>,
-    event_versions: Vec<String>,
-    payloads: Vec<String>,
-    metadata: Vec<String>,
-    /// The command attempt of each row (also in its metadata): proof that a row found in
-    /// the store is this batch's, not another writer's at the same sequence.
-    command_ids: Vec<String>,
-    snapshot_ids: Vec<String>,
-    snapshot_sequences: Vec<i64>,
-    snapshot_payloads: Vec<String>,
-}
-
-/// What became of one command of a batch.
-enum Decision<A: Decider> {
-    /// Answered without writing (a refusal, or nothing left to do).
-    Done(Reply<A>),
-    /// Appends events; answered with the position of the last one once committed.
-    Append {
-        aggregate_id: Uuid,
-        state: A,
-        version: i64,
-        appended: usize,
-    },
 }
 
 /// Why a batch did not commit.
@@ -302,7 +239,6 @@ impl Failure {
 struct Writer<A: Decider> {
     pool: PgPool,
     cache: moka::sync::Cache<Uuid, Entry<A>>,
-    upcasters: Arc<[Box<dyn EventUpcaster>]>,
     batch_max: usize,
     snapshot_every: i64,
     faults: Arc<Faults>,
@@ -399,11 +335,11 @@ where
     async fn answer_claimed_elsewhere(&self, jobs: Vec<Job<A>>) -> Vec<Job<A>> {
         let keys: Vec<ClientKey> = jobs
             .iter()
-            .filter_map(|job| ClientKey::of(&job.metadata))
+            .filter_map(|job| ClientKey::of(&job.intent.metadata))
             .collect();
         let steps: Vec<String> = jobs
             .iter()
-            .filter_map(|job| job.metadata.transfer_step.clone())
+            .filter_map(|job| job.intent.metadata.transfer_step.clone())
             .collect();
         if keys.is_empty() && steps.is_empty() {
             return jobs;
@@ -423,13 +359,14 @@ where
         let mut kept = Vec::with_capacity(jobs.len());
         for job in jobs {
             let step = job
+                .intent
                 .metadata
                 .transfer_step
                 .as_ref()
                 .and_then(|step| steps.remove(step));
             if let Some(claim) = step {
                 let _ = job.reply.send(Err(LedgerError::StepTaken(Box::new(claim))));
-            } else if ClientKey::of(&job.metadata).is_some_and(|key| keys.contains(&key)) {
+            } else if ClientKey::of(&job.intent.metadata).is_some_and(|key| keys.contains(&key)) {
                 let _ = job.reply.send(Err(LedgerError::KeyTaken));
             } else {
                 kept.push(job);
@@ -444,71 +381,68 @@ where
         let result = self.decide_and_append(jobs).await;
         if result.is_err() {
             for job in jobs {
-                self.cache.invalidate(&job.aggregate_id);
+                self.cache.invalidate(&job.intent.aggregate_id);
             }
         }
         result
     }
 
     async fn decide_and_append(&self, jobs: &[Job<A>]) -> Result<Vec<Reply<A>>, Failure> {
-        // Aggregates read from the store during this batch (or confirmed current).
-        let mut fresh: HashSet<Uuid> = HashSet::new();
-        // Aggregates that could not be read, with the reason: only their commands fail.
-        let mut broken: HashMap<Uuid, String> = HashMap::new();
-        let mut base: HashMap<Uuid, Entry<A>> = HashMap::new();
+        let mut known = Known::default();
         for job in jobs {
-            if let std::collections::hash_map::Entry::Vacant(slot) = base.entry(job.aggregate_id) {
-                if let Some(entry) = self.cache.get(&job.aggregate_id) {
+            let id = job.intent.aggregate_id;
+            if let std::collections::hash_map::Entry::Vacant(slot) = known.entries.entry(id) {
+                if let Some(entry) = self.cache.get(&id) {
                     slot.insert(entry);
                 }
             }
         }
         metrics::counter!("ledger_command_cache_hits_total", "aggregate_type" => A::TYPE)
-            .increment(base.len() as u64);
+            .increment(known.entries.len() as u64);
         loop {
             let missing: Vec<Uuid> = jobs
                 .iter()
-                .map(|job| job.aggregate_id)
-                .filter(|id| !base.contains_key(id) && !broken.contains_key(id))
+                .map(|job| job.intent.aggregate_id)
+                .filter(|id| !known.entries.contains_key(id) && !known.broken.contains_key(id))
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
             if !missing.is_empty() {
                 metrics::counter!("ledger_command_cache_misses_total", "aggregate_type" => A::TYPE)
                     .increment(missing.len() as u64);
-                let (mut loaded, unreadable) = self.load(&missing).await?;
-                for id in missing {
-                    if let Some(reason) = unreadable.get(&id) {
-                        tracing::error!(aggregate_type = A::TYPE, aggregate_id = %id, %reason, "an aggregate cannot be read; its commands fail");
-                        broken.insert(id, reason.clone());
-                        continue;
-                    }
-                    base.insert(id, loaded.remove(&id).unwrap_or_default());
-                    fresh.insert(id);
-                }
+                self.load(&missing, &mut known).await?;
             }
 
-            let (decisions, rows, unconfirmed) = self.decide(jobs, &base, &fresh, &broken)?;
+            let Decided {
+                decisions,
+                batch,
+                unconfirmed,
+            } = decide::decide(
+                jobs.iter().map(|job| &job.intent),
+                &known,
+                self.snapshot_every,
+            )
+            .map_err(Failure::Corrupt)?;
             if !unconfirmed.is_empty() {
-                let stale = self.stale(&unconfirmed, &base).await?;
-                fresh.extend(unconfirmed);
+                let stale = self.stale(&unconfirmed, &known.entries).await?;
+                known.fresh.extend(unconfirmed);
                 if !stale.is_empty() {
                     for id in &stale {
-                        base.remove(id);
+                        known.entries.remove(id);
                         self.cache.invalidate(id);
                     }
                     continue;
                 }
             }
-            if rows.sequences.is_empty() {
+            if batch.is_empty() {
                 return Ok(decisions.into_iter().map(Decision::into_reply).collect());
             }
-            let positions = match self.append(&rows).await {
+            let positions = match self.append(&batch).await {
                 Ok(positions) => positions,
                 Err(Failure::Database(err)) if commit_unknown(&err) => {
-                    match self.find_out(&rows, err).await? {
+                    match self.find_out(&batch, err).await? {
                         Some(positions) => positions,
-                        None => return Ok(self.outcome_unknown(jobs, decisions, &rows)),
+                        None => return Ok(self.outcome_unknown(jobs, decisions, &batch)),
                     }
                 }
                 Err(failure) => return Err(failure),
@@ -523,8 +457,9 @@ where
                         version,
                         appended,
                     } => {
-                        let position =
-                            *positions.get(&(aggregate_id, version)).ok_or_else(|| {
+                        let position = *positions
+                            .get(&(aggregate_id.to_string(), version))
+                            .ok_or_else(|| {
                                 Failure::Corrupt("an appended event was not returned".into())
                             })?;
                         self.cache.insert(
@@ -548,201 +483,46 @@ where
         }
     }
 
-    /// Decides each job on the state the jobs before it left. Returns the decisions, the
-    /// rows to append, and the aggregates whose refusals or no-ops rest on an entry not yet
-    /// confirmed current.
-    #[allow(clippy::type_complexity)]
-    fn decide(
-        &self,
-        jobs: &[Job<A>],
-        base: &HashMap<Uuid, Entry<A>>,
-        fresh: &HashSet<Uuid>,
-        broken: &HashMap<Uuid, String>,
-    ) -> Result<(Vec<Decision<A>>, Rows, HashSet<Uuid>), Failure> {
-        let mut working: HashMap<Uuid, Entry<A>> = HashMap::new();
-        let mut rows = Rows::default();
-        let mut decisions = Vec::with_capacity(jobs.len());
-        let mut unconfirmed = HashSet::new();
-        for job in jobs {
-            let id = job.aggregate_id;
-            if let Some(reason) = broken.get(&id) {
-                decisions.push(Decision::Done(Err(LedgerError::Internal(reason.clone()))));
-                continue;
-            }
-            let entry = working
-                .entry(id)
-                .or_insert_with(|| base.get(&id).cloned().unwrap_or_default());
-            let events = match entry.state.decide(job.command.clone()) {
-                Ok(events) => events,
-                Err(rule) => {
-                    if !fresh.contains(&id) {
-                        unconfirmed.insert(id);
-                    }
-                    decisions.push(Decision::Done(Err(LedgerError::Rejected(rule))));
-                    continue;
-                }
-            };
-            if events.is_empty() {
-                if !fresh.contains(&id) {
-                    unconfirmed.insert(id);
-                }
-                decisions.push(Decision::Done(Ok(Outcome {
-                    aggregate_id: id,
-                    state: entry.state.clone(),
-                    version: entry.version,
-                    position: entry.position,
-                    appended: 0,
-                })));
-                continue;
-            }
-
-            let mut metadata = job.metadata.clone();
-            let command_id = Uuid::now_v7().to_string();
-            metadata
-                .causation_id
-                .get_or_insert_with(|| command_id.clone());
-            metadata.command_id = Some(command_id.clone());
-            let metadata = serde_json::to_string(&metadata.to_map())
-                .map_err(|err| Failure::Corrupt(format!("metadata: {err}")))?;
-            let before = entry.version;
-            for event in &events {
-                entry.version += 1;
-                rows.aggregate_ids.push(id.to_string());
-                rows.sequences.push(entry.version);
-                rows.event_types.push(event.event_type());
-                rows.event_versions.push(event.event_version());
-                rows.payloads.push(
-                    serde_json::to_string(event)
-                        .map_err(|err| Failure::Corrupt(format!("event: {err}")))?,
-                );
-                rows.metadata.push(metadata.clone());
-                rows.command_ids.push(command_id.clone());
-                entry.state.fold(event);
-            }
-            if before / self.snapshot_every != entry.version / self.snapshot_every {
-                rows.snapshot_ids.push(id.to_string());
-                rows.snapshot_sequences.push(entry.version);
-                rows.snapshot_payloads.push(
-                    serde_json::to_string(&entry.state)
-                        .map_err(|err| Failure::Corrupt(format!("snapshot: {err}")))?,
-                );
-            }
-            decisions.push(Decision::Append {
-                aggregate_id: id,
-                state: entry.state.clone(),
-                version: entry.version,
-                appended: events.len(),
-            });
-        }
-        // A snapshot row per aggregate: keep only the last (newest) one.
-        dedup_snapshots(&mut rows);
-        Ok((decisions, rows, unconfirmed))
-    }
-
-    /// Loads aggregates from their latest snapshot and the events after it, in one query.
-    /// An aggregate whose snapshot or an event cannot be read is returned apart, with the
-    /// reason, so that it fails only its own commands.
-    #[allow(clippy::type_complexity)]
-    async fn load(
-        &self,
-        ids: &[Uuid],
-    ) -> Result<(HashMap<Uuid, Entry<A>>, HashMap<Uuid, String>), Failure> {
+    /// Loads `ids` from the store (one query) into `known`: each becomes fresh, or broken
+    /// with the reason when its snapshot or an event cannot be read.
+    async fn load(&self, ids: &[Uuid], known: &mut Known<A>) -> Result<(), Failure> {
         let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        let rows: Vec<LoadRow> = sqlx::query_as(
-            "SELECT w.aggregate_id,
-                    CASE WHEN e.sequence = s.last_sequence THEN s.payload END AS snapshot,
-                    s.last_sequence AS snapshot_sequence,
-                    e.sequence, e.event_type, e.event_version, e.payload, e.global_position
-               FROM unnest($2::text[]) AS w(aggregate_id)
-               LEFT JOIN LATERAL (SELECT last_sequence, payload
-                                    FROM snapshots
-                                   WHERE aggregate_type = $1 AND aggregate_id = w.aggregate_id
-                                   ORDER BY last_sequence DESC
-                                   LIMIT 1) s ON true
-               JOIN events e
-                 ON e.aggregate_type = $1 AND e.aggregate_id = w.aggregate_id
-                AND e.sequence >= coalesce(s.last_sequence, 0)
-              ORDER BY w.aggregate_id, e.sequence",
-        )
-        .bind(A::TYPE)
-        .bind(&strings)
-        .fetch_all(&self.pool)
-        .await?;
-
-        let mut loaded: HashMap<Uuid, Entry<A>> = HashMap::new();
-        let mut unreadable: HashMap<Uuid, String> = HashMap::new();
-        for row in rows {
-            let id = Uuid::parse_str(&row.aggregate_id)
-                .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))?;
-            if unreadable.contains_key(&id) {
-                continue;
+        let stored = aggregates::load(&self.pool, A::TYPE, &strings).await?;
+        let mut restored: HashMap<String, Result<Entry<A>, String>> = stored
+            .iter()
+            .map(|aggregate| (aggregate.aggregate_id.clone(), restore(aggregate)))
+            .collect();
+        for (id, string) in ids.iter().zip(&strings) {
+            match restored
+                .remove(string)
+                .unwrap_or_else(|| Ok(Entry::default()))
+            {
+                Ok(entry) => {
+                    known.entries.insert(*id, entry);
+                    known.fresh.insert(*id);
+                }
+                Err(reason) => {
+                    tracing::error!(aggregate_type = A::TYPE, aggregate_id = %id, %reason, "an aggregate cannot be read; its commands fail");
+                    known.broken.insert(*id, reason);
+                }
             }
-            let entry = loaded.entry(id).or_default();
-            let read = if let Some(snapshot) = row.snapshot.clone() {
-                serde_json::from_value(snapshot)
-                    .map(|state| entry.state = state)
-                    .map_err(|err| format!("snapshot of {id}: {err}"))
-            } else if row.snapshot_sequence != Some(row.sequence) {
-                self.event(&row).map(|event| entry.state.fold(&event))
-            } else {
-                Ok(())
-            };
-            if let Err(reason) = read {
-                loaded.remove(&id);
-                unreadable.insert(id, reason);
-                continue;
-            }
-            entry.version = row.sequence;
-            entry.position = row.global_position;
         }
-        Ok((loaded, unreadable))
+        Ok(())
     }
 
-    /// Reads one stored event through the contract's upcasters.
-    fn event(&self, row: &LoadRow) -> Result<A::Event, String> {
-        let serialized = SerializedEvent::new(
-            row.aggregate_id.clone(),
-            usize::try_from(row.sequence).unwrap_or_default(),
-            A::TYPE.to_owned(),
-            row.event_type.clone(),
-            row.event_version.clone(),
-            row.payload.clone(),
-            Value::Null,
-        );
-        let upcast = self.upcasters.iter().fold(serialized, |event, upcaster| {
-            if upcaster.can_upcast(&event.event_type, &event.event_version) {
-                upcaster.upcast(event)
-            } else {
-                event
-            }
-        });
-        serde_json::from_value(upcast.payload)
-            .map_err(|err| format!("event {} of {}: {err}", row.sequence, row.aggregate_id))
-    }
-
-    /// The aggregates of `ids` whose stored version differs from the cached one.
+    /// The aggregates of `ids` whose stored version differs from the known one.
     async fn stale(
         &self,
         ids: &HashSet<Uuid>,
-        base: &HashMap<Uuid, Entry<A>>,
+        entries: &HashMap<Uuid, Entry<A>>,
     ) -> Result<Vec<Uuid>, Failure> {
         let strings: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        let current: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT aggregate_id, max(sequence)
-               FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
-              GROUP BY aggregate_id",
-        )
-        .bind(A::TYPE)
-        .bind(&strings)
-        .fetch_all(&self.pool)
-        .await?;
-        let current: HashMap<String, i64> = current.into_iter().collect();
+        let current = aggregates::versions(&self.pool, A::TYPE, &strings).await?;
         Ok(ids
             .iter()
             .filter(|id| {
                 let stored = current.get(&id.to_string()).copied().unwrap_or(0);
-                base.get(id).map_or(0, |entry| entry.version) != stored
+                entries.get(id).map_or(0, |entry| entry.version) != stored
             })
             .copied()
             .collect())
@@ -755,20 +535,20 @@ where
     /// read either: the outcome is unknown.
     async fn find_out(
         &self,
-        rows: &Rows,
+        batch: &Batch,
         lost: sqlx::Error,
-    ) -> Result<Option<HashMap<(Uuid, i64), i64>>, Failure> {
-        tracing::warn!(error = %lost, events = rows.sequences.len(), "connection lost during a batch commit; reading the store to find out whether it committed");
+    ) -> Result<Option<Positions>, Failure> {
+        tracing::warn!(error = %lost, events = batch.len(), "connection lost during a batch commit; reading the store to find out whether it committed");
         let check = if self.faults.take_failed_check() {
             Err(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
                 "fault injection: the store cannot be read after a lost commit",
             )))
         } else {
-            self.committed(rows).await
+            aggregates::find_appended(&self.pool, A::TYPE, batch).await
         };
         match check {
-            Ok(found) if found.len() == rows.sequences.len() => {
+            Ok(found) if found.len() == batch.len() => {
                 tracing::warn!(
                     events = found.len(),
                     "the batch had committed; answering its real outcome"
@@ -785,7 +565,7 @@ where
             Ok(found) => Err(Failure::Corrupt(format!(
                 "{} of {} events of one batch statement are in the store",
                 found.len(),
-                rows.sequences.len()
+                batch.len()
             ))),
             Err(check) => {
                 tracing::error!(error = %lost, check_error = %check, "the outcome of a batch commit is unknown");
@@ -805,17 +585,17 @@ where
         &self,
         jobs: &[Job<A>],
         decisions: Vec<Decision<A>>,
-        rows: &Rows,
+        batch: &Batch,
     ) -> Vec<Reply<A>> {
-        let touched: HashSet<&str> = rows.aggregate_ids.iter().map(String::as_str).collect();
+        let touched: HashSet<&str> = batch.aggregate_ids().iter().map(String::as_str).collect();
         for job in jobs {
-            self.cache.invalidate(&job.aggregate_id);
+            self.cache.invalidate(&job.intent.aggregate_id);
         }
         jobs.iter()
             .zip(decisions)
             .map(|(job, decision)| match decision {
                 Decision::Done(reply)
-                    if !touched.contains(job.aggregate_id.to_string().as_str()) =>
+                    if !touched.contains(job.intent.aggregate_id.to_string().as_str()) =>
                 {
                     reply
                 }
@@ -824,83 +604,10 @@ where
             .collect()
     }
 
-    /// The positions of `rows` that are in the store, written by this batch's commands.
-    async fn committed(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, sqlx::Error> {
-        let found: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT e.aggregate_id, e.sequence, e.global_position
-               FROM unnest($2::text[], $3::bigint[], $4::text[])
-                    AS w(aggregate_id, sequence, command_id)
-               JOIN events e
-                 ON e.aggregate_type = $1 AND e.aggregate_id = w.aggregate_id
-                AND e.sequence = w.sequence AND e.metadata ->> 'command_id' = w.command_id",
-        )
-        .bind(A::TYPE)
-        .bind(&rows.aggregate_ids)
-        .bind(&rows.sequences)
-        .bind(&rows.command_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(found
-            .into_iter()
-            .filter_map(|(id, sequence, position)| {
-                Uuid::parse_str(&id)
-                    .ok()
-                    .map(|id| ((id, sequence), position))
-            })
-            .collect())
-    }
-
-    /// Appends the rows and writes the due snapshots, in one statement (one transaction).
-    /// Returns the global position of every appended event by (aggregate, sequence).
-    async fn append(&self, rows: &Rows) -> Result<HashMap<(Uuid, i64), i64>, Failure> {
-        let appended: Vec<(String, i64, i64)> = sqlx::query_as(
-            "WITH appended AS (
-                 INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                     event_version, payload, metadata)
-                 SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                        e.payload::json, e.metadata::json
-                   FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                               $7::text[])
-                        AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
-                 RETURNING aggregate_id, sequence, global_position
-             ), snapshot AS (
-                 SELECT s.aggregate_id, s.last_sequence, s.payload::json AS payload
-                   FROM unnest($8::text[], $9::bigint[], $10::text[])
-                        AS s(aggregate_id, last_sequence, payload)
-             ), updated AS (
-                 UPDATE snapshots AS old
-                    SET last_sequence = snapshot.last_sequence,
-                        payload = snapshot.payload,
-                        current_snapshot = old.current_snapshot + 1
-                   FROM snapshot
-                  WHERE old.aggregate_type = $1 AND old.aggregate_id = snapshot.aggregate_id
-                    AND old.last_sequence < snapshot.last_sequence
-                 RETURNING old.aggregate_id
-             ), created AS (
-                 INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence,
-                                        current_snapshot, payload)
-                 SELECT $1, snapshot.aggregate_id, snapshot.last_sequence, 1, snapshot.payload
-                   FROM snapshot
-                  WHERE NOT EXISTS (SELECT 1 FROM snapshots
-                                     WHERE aggregate_type = $1
-                                       AND aggregate_id = snapshot.aggregate_id)
-                 ON CONFLICT DO NOTHING
-                 RETURNING aggregate_id
-             )
-             SELECT aggregate_id, sequence, global_position FROM appended",
-        )
-        .bind(A::TYPE)
-        .bind(&rows.aggregate_ids)
-        .bind(&rows.sequences)
-        .bind(&rows.event_types)
-        .bind(&rows.event_versions)
-        .bind(&rows.payloads)
-        .bind(&rows.metadata)
-        .bind(&rows.snapshot_ids)
-        .bind(&rows.snapshot_sequences)
-        .bind(&rows.snapshot_payloads)
-        .fetch_all(&self.pool)
-        .await?;
+    /// Appends the batch (one statement, one transaction): the global position of every
+    /// appended event by (aggregate, sequence).
+    async fn append(&self, batch: &Batch) -> Result<Positions, Failure> {
+        let positions = aggregates::append(&self.pool, A::TYPE, batch).await?;
         if self.faults.take_lost_commit() {
             return Err(Failure::Database(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
@@ -908,57 +615,9 @@ where
             ))));
         }
         metrics::counter!("ledger_events_appended_total", "aggregate_type" => A::TYPE)
-            .increment(appended.len() as u64);
-        appended
-            .into_iter()
-            .map(|(id, sequence, position)| {
-                Uuid::parse_str(&id)
-                    .map(|id| ((id, sequence), position))
-                    .map_err(|err| Failure::Corrupt(format!("aggregate id: {err}")))
-            })
-            .collect()
+            .increment(positions.len() as u64);
+        Ok(positions)
     }
-}
-
-impl<A: Decider> Decision<A> {
-    fn into_reply(self) -> Reply<A> {
-        match self {
-            Self::Done(reply) => reply,
-            Self::Append { .. } => Err(LedgerError::Internal("events were not appended".into())),
-        }
-    }
-}
-
-/// One row of [`Writer::load`].
-#[derive(sqlx::FromRow)]
-struct LoadRow {
-    aggregate_id: String,
-    snapshot: Option<Value>,
-    snapshot_sequence: Option<i64>,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Value,
-    global_position: i64,
-}
-
-/// Keeps the last snapshot row of each aggregate (a batch may cross a boundary twice).
-fn dedup_snapshots(rows: &mut Rows) {
-    let mut seen = HashSet::new();
-    let mut keep: Vec<usize> = (0..rows.snapshot_ids.len())
-        .rev()
-        .filter(|&i| seen.insert(rows.snapshot_ids[i].clone()))
-        .collect();
-    if keep.len() == rows.snapshot_ids.len() {
-        return;
-    }
-    keep.reverse();
-    rows.snapshot_ids = keep.iter().map(|&i| rows.snapshot_ids[i].clone()).collect();
-    rows.snapshot_sequences = keep.iter().map(|&i| rows.snapshot_sequences[i]).collect();
-    rows.snapshot_payloads = keep
-        .iter()
-        .map(|&i| rows.snapshot_payloads[i].clone())
-        .collect();
 }
 
 /// Whether a failed batch statement may nonetheless have committed: the connection failed
