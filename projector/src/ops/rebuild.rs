@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use ledger_readmodels::names;
+use ledger_readmodels::{dead_letters, guards, names};
 use ledger_store::LogCursor;
 use serde::Serialize;
 use serde_json::Value;
@@ -259,7 +259,30 @@ async fn apply_batch(
             )
         })
         .collect();
-    apply_events(tx, &[projection], &events, &mut outcome).await?;
+    // Events an operator skipped for this projection stay out of the rebuilt model as they
+    // are out of the live one (ADR 0014): their guard moves past them, nothing else.
+    let ids: Vec<uuid::Uuid> = events.iter().map(|(e, _)| e.event_id).collect();
+    let skipped = dead_letters::skipped(tx, projection, &ids).await?;
+    let mut rest = events.as_slice();
+    while let Some(at) = rest.iter().position(|(e, _)| skipped.contains(&e.event_id)) {
+        let (before, after) = rest.split_at(at);
+        apply_events(tx, &[projection], before, &mut outcome).await?;
+        let (event, _) = after[0];
+        if names::handles(projection, &event.aggregate_type) {
+            let id = event.aggregate_id.as_str();
+            guards::lock_many(tx, projection, &[id]).await?;
+            guards::advance_many(
+                tx,
+                projection,
+                &[id],
+                &[event.sequence],
+                &[event.global_position],
+            )
+            .await?;
+        }
+        rest = &after[1..];
+    }
+    apply_events(tx, &[projection], rest, &mut outcome).await?;
     Ok(i64::try_from(batch.len()).unwrap_or(i64::MAX))
 }
 

@@ -1,0 +1,279 @@
+//! Operations under review: dead-letter retries applied once and in order, the process
+//! manager's letters retried, swaps under live load, dry runs under load, and the small
+//! things around them (ADR 0014).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use ledger_e2e::eventually;
+use ledger_e2e::services::{admin, migrated_database, CommandApi, Projector};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn no_differences(report: &Value) -> bool {
+    report["differences"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|d| {
+            d["missing"].as_array().unwrap().is_empty()
+                && d["extra"].as_array().unwrap().is_empty()
+                && d["different"].as_array().unwrap().is_empty()
+        })
+}
+
+/// Appends one event straight into the store.
+async fn append(
+    conn: &mut PgConnection,
+    aggregate: (&str, &str),
+    sequence: i64,
+    event_type: &str,
+    version: &str,
+    payload: Value,
+) {
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, '{}')",
+    )
+    .bind(aggregate.0)
+    .bind(aggregate.1)
+    .bind(sequence)
+    .bind(event_type)
+    .bind(version)
+    .bind(payload)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+/// The pending dead letters, once there are `count` of them.
+async fn pending_letters(url: &str, count: usize) -> Vec<Value> {
+    eventually(DEADLINE, &format!("{count} pending dead letters"), || async move {
+        let letters = admin(url, &["--json", "dead-letters", "list"]).await.json();
+        let letters = letters.as_array().unwrap().clone();
+        if letters.len() == count {
+            Ok(letters)
+        } else {
+            Err(format!("{letters:?}"))
+        }
+    })
+    .await
+}
+
+fn letter_of(letters: &[Value], projection: &str) -> String {
+    letters
+        .iter()
+        .find(|l| l["projection"] == projection)
+        .unwrap_or_else(|| panic!("no letter of {projection} in {letters:?}"))["id"]
+        .as_i64()
+        .unwrap()
+        .to_string()
+}
+
+async fn dry_run_is_clean(url: &str, projection: &str) {
+    let dry = admin(url, &["--json", "rebuild", projection, "--dry-run"]).await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(
+        no_differences(&dry.json()),
+        "{projection} differs from a rebuild: {}",
+        dry.stdout
+    );
+}
+
+/// The rolling-deploy case: the old projector cannot read a new event version, dead-letters
+/// that one event and applies the account's later events; after the upgrade the operator
+/// retries (several times at once, by accident) and skips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_letter_is_applied_once_in_order_and_a_dry_run_then_finds_no_difference() {
+    let url = migrated_database().await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let account = ("account", "rolling-deploy");
+    let money = |kind: &str, amount: i64| {
+        json!({"type": kind, "amount": amount, "currency": "EUR", "reference": null})
+    };
+    append(
+        &mut conn,
+        account,
+        1,
+        "AccountOpened",
+        "1",
+        json!({"type": "AccountOpened", "owner": "ops", "currency": "EUR"}),
+    )
+    .await;
+    // A version this projector cannot read yet.
+    append(
+        &mut conn,
+        account,
+        2,
+        "MoneyDeposited",
+        "3",
+        money("MoneyDeposited", 100),
+    )
+    .await;
+    append(
+        &mut conn,
+        account,
+        3,
+        "MoneyWithdrawn",
+        "2",
+        money("MoneyWithdrawn", 30),
+    )
+    .await;
+    append(
+        &mut conn,
+        account,
+        4,
+        "MoneyDeposited",
+        "2",
+        money("MoneyDeposited", 5),
+    )
+    .await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    let letters = pending_letters(&url, 3).await;
+    let guards_at_4 = || async {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM projection_guards WHERE aggregate_id = 'rolling-deploy'
+                AND last_sequence = 4",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if n == 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} guards at 4"))
+        }
+    };
+    eventually(DEADLINE, "applied the later events", guards_at_4).await;
+
+    // The upgrade: the event is now readable.
+    sqlx::query("UPDATE events SET event_version = '2' WHERE aggregate_id = 'rolling-deploy' AND sequence = 2")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let summary = letter_of(&letters, "account_summary");
+    let args = ["--json", "dead-letters", "retry", &summary, "--actor", "ops"];
+    let runs = join_all((0..4).map(|_| admin(&url, &args))).await;
+    let applied = runs.iter().filter(|run| run.code == 0).count();
+    assert_eq!(
+        applied,
+        1,
+        "concurrent retries of one letter: {:?}",
+        runs.iter().map(|r| &r.stderr).collect::<Vec<_>>()
+    );
+    let retried = admin(
+        &url,
+        &[
+            "--json",
+            "dead-letters",
+            "retry",
+            &letter_of(&letters, "account_statement"),
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(retried["status"], "retried", "{retried}");
+    let skipped = admin(
+        &url,
+        &[
+            "--json",
+            "dead-letters",
+            "skip",
+            &letter_of(&letters, "owner_totals"),
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(skipped["status"], "skipped", "{skipped}");
+
+    let last_position: i64 = sqlx::query_scalar(
+        "SELECT global_position FROM events WHERE aggregate_id = 'rolling-deploy' AND sequence = 4",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let (balance, version, position): (i64, i64, i64) = sqlx::query_as(
+        "SELECT balance, version, last_position FROM account_summaries WHERE account_id = 'rolling-deploy'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        (balance, version, position),
+        (75, 4, last_position),
+        "counted once, and version and position never go back"
+    );
+    let running: Vec<i64> = sqlx::query_scalar(
+        "SELECT balance_after FROM account_statements WHERE account_id = 'rolling-deploy' ORDER BY sequence",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(running, [0, 100, 70, 75], "running balances in order");
+    for projection in ["account_summary", "account_statement", "owner_totals"] {
+        dry_run_is_clean(&url, projection).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_of_the_transfer_process_manager_can_be_retried() {
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    let (from, to) = (api.open_account().await, api.open_account().await);
+    api.deposit(&from, 500).await;
+    let transfer = uuid::Uuid::new_v4().to_string();
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    // A request this process manager cannot read yet.
+    append(
+        &mut conn,
+        ("transfer", &transfer),
+        1,
+        "TransferRequested",
+        "9",
+        json!({"type": "TransferRequested", "from": from, "to": to, "amount": 200, "currency": "EUR"}),
+    )
+    .await;
+    let letters = pending_letters(&url, 2).await;
+    sqlx::query("UPDATE events SET event_version = '1' WHERE aggregate_id = $1")
+        .bind(&transfer)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for projection in ["transfer_process_manager", "transfers"] {
+        let retried = admin(
+            &url,
+            &[
+                "--json",
+                "dead-letters",
+                "retry",
+                &letter_of(&letters, projection),
+            ],
+        )
+        .await;
+        assert_eq!(retried.code, 0, "{}", retried.stderr);
+        assert_eq!(retried.json()["status"], "retried", "{}", retried.stdout);
+    }
+    let (db, id) = (url.as_str(), transfer.as_str());
+    eventually(DEADLINE, "completed the transfer", || async move {
+        let mut conn = PgConnection::connect(db).await.unwrap();
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM transfers WHERE transfer_id = $1")
+                .bind(id)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        (state.as_deref() == Some("completed"))
+            .then_some(())
+            .ok_or_else(|| format!("{state:?}"))
+    })
+    .await;
+    let balances = ledger_e2e::services::balances_from_events(&url).await;
+    assert_eq!((balances[&from], balances[&to]), (300, 200));
+    dry_run_is_clean(&url, "transfers").await;
+}
