@@ -277,3 +277,84 @@ async fn a_letter_of_the_transfer_process_manager_can_be_retried() {
     assert_eq!((balances[&from], balances[&to]), (300, 200));
     dry_run_is_clean(&url, "transfers").await;
 }
+
+/// Deposits 1 into `accounts` in turn until `stop`; returns how many.
+fn deposit_until(
+    api: &CommandApi,
+    accounts: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let (base, client) = (api.base.clone(), api.client.clone());
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let account = &accounts[n % accounts.len()];
+            let response = client
+                .post(format!("{base}/v1/accounts/{account}/deposits"))
+                .json(&json!({"amount": 1, "currency": "EUR"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            n += 1;
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_under_load_reports_no_difference_and_streams_the_ones_there_are() {
+    let url = migrated_database().await;
+    let seeded = ledger_e2e::services::seed(&url, 10, 20).await;
+    let api = CommandApi::start(&url).await;
+    // One event per batch: the live model lags behind the writers.
+    let _projector = Projector::start(&url, None, &[("PROJECTOR_BATCH_SIZE", "1")]).await;
+    let accounts = join_all((0..4).map(|_| api.open_account())).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = deposit_until(&api, accounts, stop.clone());
+    for _ in 0..3 {
+        for projection in ["owner_totals", "account_summary", "account_statement"] {
+            dry_run_is_clean(&url, projection).await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writers.await.unwrap() > 0);
+
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE account_summaries SET balance = balance + 1 WHERE account_id = $1")
+        .bind(&seeded[3])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let dry = admin(
+        &url,
+        &[
+            "--json",
+            "rebuild",
+            "account_summary",
+            "--dry-run",
+            "--differences",
+            path,
+        ],
+    )
+    .await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    let streamed: Vec<Value> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(streamed.len(), 1, "{streamed:?}");
+    assert_eq!(streamed[0]["table"], "account_summaries");
+    assert_eq!(streamed[0]["kind"], "different");
+    assert_eq!(streamed[0]["row"]["live"]["account_id"], seeded[3].as_str());
+    assert_eq!(streamed[0]["row"]["live"]["balance"], 21);
+    assert_eq!(streamed[0]["row"]["rebuilt"]["balance"], 20);
+    let report = dry.json();
+    assert_eq!(
+        report["differences"]["account_summaries"]["counts"]["different"],
+        1
+    );
+}
