@@ -52,15 +52,19 @@ async fn append(
 
 /// The pending dead letters, once there are `count` of them.
 async fn pending_letters(url: &str, count: usize) -> Vec<Value> {
-    eventually(DEADLINE, &format!("{count} pending dead letters"), || async move {
-        let letters = admin(url, &["--json", "dead-letters", "list"]).await.json();
-        let letters = letters.as_array().unwrap().clone();
-        if letters.len() == count {
-            Ok(letters)
-        } else {
-            Err(format!("{letters:?}"))
-        }
-    })
+    eventually(
+        DEADLINE,
+        &format!("{count} pending dead letters"),
+        || async move {
+            let letters = admin(url, &["--json", "dead-letters", "list"]).await.json();
+            let letters = letters.as_array().unwrap().clone();
+            if letters.len() == count {
+                Ok(letters)
+            } else {
+                Err(format!("{letters:?}"))
+            }
+        },
+    )
     .await
 }
 
@@ -92,9 +96,7 @@ async fn a_retried_letter_is_applied_once_in_order_and_a_dry_run_then_finds_no_d
     let url = migrated_database().await;
     let mut conn = PgConnection::connect(&url).await.unwrap();
     let account = ("account", "rolling-deploy");
-    let money = |kind: &str, amount: i64| {
-        json!({"type": kind, "amount": amount, "currency": "EUR", "reference": null})
-    };
+    let money = |kind: &str, amount: i64| json!({"type": kind, "amount": amount, "currency": "EUR", "reference": null});
     append(
         &mut conn,
         account,
@@ -157,7 +159,14 @@ async fn a_retried_letter_is_applied_once_in_order_and_a_dry_run_then_finds_no_d
         .await
         .unwrap();
     let summary = letter_of(&letters, "account_summary");
-    let args = ["--json", "dead-letters", "retry", &summary, "--actor", "ops"];
+    let args = [
+        "--json",
+        "dead-letters",
+        "retry",
+        &summary,
+        "--actor",
+        "ops",
+    ];
     let runs = join_all((0..4).map(|_| admin(&url, &args))).await;
     let applied = runs.iter().filter(|run| run.code == 0).count();
     assert_eq!(
@@ -357,4 +366,91 @@ async fn a_dry_run_under_load_reports_no_difference_and_streams_the_ones_there_a
         report["differences"]["account_summaries"]["counts"]["different"],
         1
     );
+}
+
+/// The read-model tables' index names.
+async fn index_names(url: &str) -> Vec<(String, String)> {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query_as(
+        "SELECT tablename::text, indexname::text FROM pg_indexes
+          WHERE schemaname = 'public' AND tablename = ANY($1) ORDER BY 1, 2",
+    )
+    .bind(
+        [
+            "account_summaries",
+            "account_statements",
+            "owner_totals",
+            "owner_total_accounts",
+            "transfers",
+        ]
+        .as_slice(),
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_swaps_under_live_load_all_succeed_and_keep_every_dead_letter_and_index_name() {
+    let url = migrated_database().await;
+    ledger_e2e::services::seed(&url, 10, 20).await;
+    let api = CommandApi::start(&url).await;
+    let _projector = Projector::start(&url, None, &[]).await;
+    let accounts = join_all((0..4).map(|_| api.open_account())).await;
+    ledger_e2e::services::wait_until_projected(&url, DEADLINE).await;
+    let indexes = index_names(&url).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = deposit_until(&api, accounts, stop.clone());
+    let projections = [
+        "account_summary",
+        "owner_totals",
+        "account_statement",
+        "transfers",
+    ];
+    for n in 0..20 {
+        let projection = projections[n % projections.len()];
+        // A poison event (money for an account never opened) lands while the rebuild runs:
+        // its letters must survive the swap, once each.
+        let poison = async {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            append(
+                &mut conn,
+                ("account", &format!("orphan-{n}")),
+                1,
+                "MoneyDeposited",
+                "2",
+                json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null}),
+            )
+            .await;
+        };
+        let args = ["--json", "rebuild", projection, "--batch-size", "200"];
+        let (run, ()) = tokio::join!(admin(&url, &args), poison);
+        assert_eq!(
+            run.code, 0,
+            "swap {n} of {projection} failed: {}",
+            run.stderr
+        );
+        assert_eq!(run.json()["swapped"], true);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writers.await.unwrap() > 0);
+    let db = url.as_str();
+    eventually(
+        DEADLINE,
+        "one pending letter per poison event and projection",
+        || async move {
+            let mut conn = PgConnection::connect(db).await.unwrap();
+            let letters: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT projection, aggregate_id, count(*) FILTER (WHERE status = 'pending')
+               FROM dead_letters GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let right = letters.len() == 60 && letters.iter().all(|(_, _, pending)| *pending == 1);
+            right.then_some(()).ok_or_else(|| format!("{letters:?}"))
+        },
+    )
+    .await;
+    assert_eq!(index_names(&url).await, indexes, "a swap renamed indexes");
 }

@@ -139,8 +139,7 @@ async fn reproject(
         .unwrap_or(0);
     pending(&lock(tx, letter.id).await?)?;
     let upto = last.max(event.sequence);
-    let history =
-        ledger_store::events_of(tx, &event.aggregate_type, aggregate_id, 1, upto).await?;
+    let history = ledger_store::events_of(tx, &event.aggregate_type, aggregate_id, 1, upto).await?;
     let ids: Vec<uuid::Uuid> = history.iter().map(|e| e.event_id).collect();
     let skipped = letters::skipped(tx, projection, &ids).await?;
     let history: Vec<&RecordedEvent> = history

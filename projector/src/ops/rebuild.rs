@@ -13,10 +13,10 @@
 
 use std::collections::BTreeMap;
 
+use futures::TryStreamExt;
 use ledger_readmodels::{dead_letters, guards, names};
 use ledger_store::LogCursor;
 use serde::Serialize;
-use futures::TryStreamExt;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -276,10 +276,39 @@ async fn run(
         compared?;
         return Ok(report);
     }
-    swap(pool, projection, tables, schema, cursor, &mut report).await?;
+    // A swap waits for the live projector's batches; should PostgreSQL still break a lock
+    // cycle (or a lock wait time out), the whole swap rolls back and is tried again.
+    let mut backoff = std::time::Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        let before = report.progress;
+        match swap(pool, projection, tables, schema, cursor, &mut report).await {
+            Ok(()) => break,
+            Err(err) if is_lock_conflict(&err) && attempt < SWAP_ATTEMPTS => {
+                tracing::warn!(projection, attempt, error = %err, "swap rolled back; trying again");
+                report.progress = before;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
     report.swapped = true;
     on_progress(report.progress);
     Ok(report)
+}
+
+/// How often a swap PostgreSQL rolled back for a lock conflict is tried.
+const SWAP_ATTEMPTS: u32 = 10;
+
+/// A deadlock, a serialization failure or a lock wait that timed out: the swap's state, not
+/// its fault, so it is tried again.
+fn is_lock_conflict(err: &sqlx::Error) -> bool {
+    matches!(
+        err.as_database_error().and_then(|db| db.code()).as_deref(),
+        Some("40P01" | "40001" | "55P03")
+    )
 }
 
 async fn create_shadow(pool: &PgPool, schema: &str, tables: &[&str]) -> Result<(), sqlx::Error> {
@@ -438,12 +467,23 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     for table in tables {
+        // `LIKE … INCLUDING ALL` names the shadow's indexes after their columns; the live
+        // names come back after the move, so migrations that name an index still find it.
+        let names = index_names(&mut tx, table).await?;
         sqlx::query(&format!("DROP TABLE public.{table}"))
             .execute(&mut *tx)
             .await?;
         sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
             .execute(&mut *tx)
             .await?;
+        for (moved, definition) in index_names(&mut tx, table).await? {
+            let live = names.iter().find(|(_, d)| *d == definition);
+            if let Some((name, _)) = live.filter(|(name, _)| *name != moved) {
+                sqlx::query(&format!("ALTER INDEX public.{moved} RENAME TO {name}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
     }
     sqlx::query("DELETE FROM public.projection_guards WHERE projection = $1")
         .bind(projection)
@@ -496,6 +536,20 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     tx.commit().await
+}
+
+/// The indexes of `public.table`: (name, definition without the name).
+async fn index_names(
+    tx: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT indexname::text, regexp_replace(indexdef, 'INDEX \\S+ ON ', 'INDEX ON ')
+           FROM pg_indexes WHERE schemaname = 'public' AND tablename = $1",
+    )
+    .bind(table)
+    .fetch_all(tx)
+    .await
 }
 
 /// The dry run's comparison (see [`dry_run`]): under the guards lock, the shadow and the
