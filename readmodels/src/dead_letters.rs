@@ -40,14 +40,17 @@ fn storable(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-/// Records a dead letter in the batch's transaction. Text is stored with any NUL replaced
+/// Records a dead letter in the batch's transaction, once: a letter for the same projection
+/// and event (or Kafka partition and offset, for a message that is not an event) that is not
+/// superseded makes this a no-op, so a re-delivery records nothing new. Text is stored with any NUL replaced
 /// (U+FFFD), so the letter of an event PostgreSQL refuses can itself be stored.
 pub async fn record(tx: &mut PgConnection, letter: &NewDeadLetter) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO dead_letters
              (projection, reason, event_id, aggregate_id, sequence, global_position, event_type,
               event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT DO NOTHING",
     )
     .bind(storable(&letter.projection))
     .bind(storable(&letter.reason))

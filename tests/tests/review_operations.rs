@@ -454,3 +454,44 @@ async fn twenty_swaps_under_live_load_all_succeed_and_keep_every_dead_letter_and
     .await;
     assert_eq!(index_names(&url).await, indexes, "a swap renamed indexes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_unreadable_message_or_process_manager_letter_is_recorded_once() {
+    use ledger_readmodels::dead_letters::{record, NewDeadLetter};
+    let (_, pool) = ledger_e2e::fresh_database().await;
+    let unreadable = NewDeadLetter {
+        projection: "*".into(),
+        reason: "not JSON".into(),
+        source: "kafka".into(),
+        kafka_partition: Some(3),
+        kafka_offset: Some(41),
+        raw_value: Some("{oops".into()),
+        ..NewDeadLetter::default()
+    };
+    let reaction = NewDeadLetter {
+        projection: "transfer_process_manager".into(),
+        reason: "transfer was never requested".into(),
+        event_id: Some(uuid::Uuid::new_v4()),
+        source: "process_manager".into(),
+        ..NewDeadLetter::default()
+    };
+    for _ in 0..2 {
+        for letter in [&unreadable, &reaction] {
+            let mut tx = pool.begin().await.unwrap();
+            record(&mut tx, letter).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
+    let per_projection: Vec<(String, i64)> =
+        sqlx::query_as("SELECT projection, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        per_projection,
+        [
+            ("*".to_owned(), 1),
+            ("transfer_process_manager".to_owned(), 1)
+        ]
+    );
+}

@@ -505,7 +505,8 @@ async fn swap(
               event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
          SELECT projection, reason, event_id, aggregate_id, sequence, global_position, event_type,
                 event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value
-           FROM {schema}.dead_letters"
+           FROM {schema}.dead_letters
+         ON CONFLICT DO NOTHING"
     ))
     .execute(&mut *tx)
     .await?;
