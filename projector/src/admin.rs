@@ -107,6 +107,12 @@ fn problem(err: OpError) -> Problem {
             "Invalid request",
             err.to_string(),
         ),
+        OpError::Unavailable(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "Service unavailable",
+            err.to_string(),
+        ),
         OpError::Kafka(_) | OpError::Database(_) => {
             tracing::error!(error = %err, "admin operation failed");
             Problem::internal()

@@ -65,20 +65,32 @@ impl Application {
                     let batch_size = settings.batch_size;
                     tokio::spawn(async move {
                         tracing::info!(%projection, "rebuilding: built by another version");
-                        match crate::ops::rebuild::rebuild(
-                            &pool,
-                            &projection,
-                            batch_size,
-                            false,
-                            |_| {},
-                        )
-                        .await
-                        {
-                            Ok(report) => {
-                                tracing::info!(%projection, events = report.progress.events, "rebuilt and swapped in")
-                            }
-                            Err(err) => {
-                                tracing::error!(%projection, error = %err, "automatic rebuild failed")
+                        // A failed rebuild is tried again (it resumes from its shadow), with
+                        // backoff, until it succeeds or another process is running it.
+                        let mut backoff = std::time::Duration::from_secs(1);
+                        loop {
+                            match crate::ops::rebuild::rebuild(
+                                &pool,
+                                &projection,
+                                batch_size,
+                                false,
+                                |_| {},
+                            )
+                            .await
+                            {
+                                Ok(report) => {
+                                    tracing::info!(%projection, events = report.progress.events, "rebuilt and swapped in");
+                                    break;
+                                }
+                                Err(err @ crate::ops::OpError::AlreadyRunning(_)) => {
+                                    tracing::info!(%projection, reason = %err, "automatic rebuild left to the other run");
+                                    break;
+                                }
+                                Err(err) => {
+                                    tracing::error!(%projection, error = %err, retry_in = ?backoff, "automatic rebuild failed; trying again");
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(std::time::Duration::from_secs(60));
+                                }
                             }
                         }
                     });

@@ -40,14 +40,17 @@ fn storable(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-/// Records a dead letter in the batch's transaction. Text is stored with any NUL replaced
+/// Records a dead letter in the batch's transaction, once: a letter for the same projection
+/// and event (or Kafka partition and offset, for a message that is not an event) that is not
+/// superseded makes this a no-op, so a re-delivery records nothing new. Text is stored with any NUL replaced
 /// (U+FFFD), so the letter of an event PostgreSQL refuses can itself be stored.
 pub async fn record(tx: &mut PgConnection, letter: &NewDeadLetter) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO dead_letters
              (projection, reason, event_id, aggregate_id, sequence, global_position, event_type,
               event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT DO NOTHING",
     )
     .bind(storable(&letter.projection))
     .bind(storable(&letter.reason))
@@ -136,4 +139,53 @@ pub async fn set_status(tx: &mut PgConnection, id: i64, status: &str) -> Result<
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// One dead letter, its row locked for the rest of `tx`: two operators acting on one letter
+/// at once are serialised here, and the second sees what the first did.
+pub async fn lock(tx: &mut PgConnection, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(tx)
+    .await
+}
+
+/// The pending dead letters of `projection` for `aggregate_id`, by event id, locked for the
+/// rest of `tx`.
+pub async fn pending_of(
+    tx: &mut PgConnection,
+    projection: &str,
+    aggregate_id: &str,
+) -> Result<Vec<(i64, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, event_id FROM dead_letters
+          WHERE projection = $1 AND aggregate_id = $2 AND status = 'pending'
+            AND event_id IS NOT NULL
+          ORDER BY id FOR UPDATE",
+    )
+    .bind(projection)
+    .bind(aggregate_id)
+    .fetch_all(tx)
+    .await
+}
+
+/// Which of `event_ids` an operator skipped for `projection` (in the live `dead_letters`,
+/// whatever the search path): a skip is a decision that rebuilds and retries keep, so that
+/// a rebuild equals the live model after it (ADR 0014).
+pub async fn skipped(
+    tx: &mut PgConnection,
+    projection: &str,
+    event_ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM public.dead_letters
+          WHERE projection = $1 AND status = 'skipped' AND event_id = ANY($2)",
+    )
+    .bind(projection)
+    .bind(event_ids)
+    .fetch_all(tx)
+    .await?;
+    Ok(ids.into_iter().collect())
 }

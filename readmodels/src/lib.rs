@@ -92,6 +92,23 @@ pub mod names {
     }
 }
 
+/// Removes what `projection` holds of `aggregate_id` (its rows, and for `owner_totals` its
+/// share of its owner's totals), so the aggregate can be projected again from its whole
+/// history: how a dead letter is retried (ADR 0014). The caller holds the aggregate's guard.
+pub async fn forget_aggregate(
+    tx: &mut sqlx::PgConnection,
+    projection: &str,
+    aggregate_id: &str,
+) -> Result<(), sqlx::Error> {
+    match projection {
+        names::ACCOUNT_SUMMARY => summaries::forget(tx, aggregate_id).await,
+        names::ACCOUNT_STATEMENT => statements::forget(tx, aggregate_id).await,
+        names::OWNER_TOTALS => owner_totals::forget(tx, aggregate_id).await,
+        names::TRANSFERS => transfers::forget(tx, aggregate_id).await,
+        _ => Ok(()),
+    }
+}
+
 /// Why a projection refused an event (it goes to the dead letters; the projector carries on).
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {

@@ -240,3 +240,31 @@ pub async fn apply_batch(
     .await?;
     Ok(refused)
 }
+
+/// Takes `account_id` out of its owner's totals and forgets it (see
+/// [`crate::forget_aggregate`]). A total left with no account is removed, as a rebuild would
+/// not have it.
+pub async fn forget(tx: &mut PgConnection, account_id: &str) -> Result<(), sqlx::Error> {
+    let gone: Option<(String, String)> = sqlx::query_as(
+        "WITH gone AS (DELETE FROM owner_total_accounts WHERE account_id = $1
+                       RETURNING owner, currency, balance, open)
+         UPDATE owner_totals t
+            SET accounts = t.accounts - 1,
+                open_accounts = t.open_accounts - CASE WHEN g.open THEN 1 ELSE 0 END,
+                balance = t.balance - g.balance
+           FROM gone g
+          WHERE t.owner = g.owner AND t.currency = g.currency
+         RETURNING t.owner, t.currency",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((owner, currency)) = gone {
+        sqlx::query("DELETE FROM owner_totals WHERE owner = $1 AND currency = $2 AND accounts = 0")
+            .bind(owner)
+            .bind(currency)
+            .execute(tx)
+            .await?;
+    }
+    Ok(())
+}

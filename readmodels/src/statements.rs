@@ -163,3 +163,12 @@ struct Entries<'a> {
     transfer_id: Vec<Option<Uuid>>,
     recorded_at: Vec<DateTime<Utc>>,
 }
+
+/// Removes the statement of `account_id` (see [`crate::forget_aggregate`]).
+pub async fn forget(tx: &mut PgConnection, account_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM account_statements WHERE account_id = $1")
+        .bind(account_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}

@@ -154,3 +154,12 @@ fn fold(
     row.updated_at = event.recorded_at;
     Ok(())
 }
+
+/// Removes the summary of `account_id` (see [`crate::forget_aggregate`]).
+pub async fn forget(tx: &mut PgConnection, account_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM account_summaries WHERE account_id = $1")
+        .bind(account_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}

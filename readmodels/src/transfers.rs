@@ -195,3 +195,12 @@ fn fold(
     row.updated_at = event.recorded_at;
     Ok(())
 }
+
+/// Removes the row of `transfer_id` (see [`crate::forget_aggregate`]).
+pub async fn forget(tx: &mut PgConnection, transfer_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM transfers WHERE transfer_id = $1")
+        .bind(transfer_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}

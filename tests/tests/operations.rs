@@ -375,9 +375,16 @@ async fn dead_letters_are_listed_shown_retried_and_skipped_with_who_and_when() {
         .as_str()
         .unwrap()
         .starts_with("refused again"));
+    // The fix restores the account's missing opening in the store (a retry projects the
+    // account again from its history, ADR 0014; a hand-edited read model is not history).
+    sqlx::query("UPDATE events SET sequence = 2 WHERE aggregate_id = 'orphan'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     sqlx::query(
-        "INSERT INTO account_summaries (account_id, owner, currency, balance, status, version, last_position, updated_at)
-         VALUES ('orphan', 'fixed by hand', 'EUR', 0, 'open', 0, 0, now())",
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', 'orphan', 1, 'AccountOpened', '1',
+                 '{\"type\":\"AccountOpened\",\"owner\":\"fixed\",\"currency\":\"EUR\"}', '{}')",
     )
     .execute(&mut conn)
     .await

@@ -6,7 +6,7 @@
 // A command-line tool: printing is its output.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ enum Command {
         /// Build the copy and report how it differs from the live model; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: write every difference to FILE as it is found, one JSON object
+        /// a line (`{"table", "kind", "row"}`); the report keeps the first 100 of each kind.
+        #[arg(long, value_name = "FILE", requires = "dry_run")]
+        differences: Option<std::path::PathBuf>,
         /// Events per transaction.
         #[arg(long, default_value_t = 1000)]
         batch_size: i64,
@@ -189,6 +193,7 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
         Command::Rebuild {
             projection,
             dry_run,
+            differences,
             batch_size,
         } => {
             let bar = if std::io::stderr().is_terminal() && !cli.json {
@@ -205,13 +210,44 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
             } else {
                 None
             };
-            let report = rebuild::rebuild(pool, projection, *batch_size, *dry_run, |progress| {
+            let on_progress = |progress: rebuild::Progress| {
                 if let Some(bar) = &bar {
                     bar.set_length(u64::try_from(progress.total).unwrap_or(0));
                     bar.set_position(u64::try_from(progress.events).unwrap_or(0));
                 }
-            })
-            .await?;
+            };
+            let report = if *dry_run {
+                let mut out = match differences {
+                    Some(path) => Some(std::io::BufWriter::new(
+                        std::fs::File::create(path).map_err(|err| {
+                            ops::OpError::Invalid(format!("{}: {err}", path.display()))
+                        })?,
+                    )),
+                    None => None,
+                };
+                let mut written: std::io::Result<()> = Ok(());
+                let report = rebuild::dry_run(
+                    pool,
+                    projection,
+                    *batch_size,
+                    on_progress,
+                    &mut |difference| {
+                        if let (Some(out), Ok(())) = (out.as_mut(), &written) {
+                            written = serde_json::to_writer(&mut *out, &difference)
+                                .map_err(std::io::Error::from)
+                                .and_then(|()| writeln!(out));
+                        }
+                    },
+                )
+                .await?;
+                if let Some(mut out) = out {
+                    written = written.and_then(|()| out.flush());
+                }
+                written.map_err(|err| ops::OpError::Invalid(format!("--differences: {err}")))?;
+                report
+            } else {
+                rebuild::rebuild(pool, projection, *batch_size, false, on_progress).await?
+            };
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -232,9 +268,7 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                         } else {
                             println!(
                                 "  {table}: {} missing, {} extra, {} different",
-                                diff.missing.len(),
-                                diff.extra.len(),
-                                diff.different.len()
+                                diff.counts.missing, diff.counts.extra, diff.counts.different
                             );
                             for row in &diff.missing {
                                 println!("    missing   {row}");

@@ -29,6 +29,9 @@ pub enum OpError {
     /// The request makes no sense (e.g. an empty range).
     #[error("{0}")]
     Invalid(String),
+    /// A transfer step could not be taken now (the database, a lost race): try again.
+    #[error("not now: {0}")]
+    Unavailable(String),
     /// Kafka failed.
     #[error("Kafka: {0}")]
     Kafka(String),

@@ -13,7 +13,8 @@
 
 use std::collections::BTreeMap;
 
-use ledger_readmodels::names;
+use futures::TryStreamExt;
+use ledger_readmodels::{dead_letters, guards, names};
 use ledger_store::LogCursor;
 use serde::Serialize;
 use serde_json::Value;
@@ -33,7 +34,17 @@ pub struct Progress {
     pub position: i64,
 }
 
-/// How a dry run's shadow differs from the live model, per table.
+/// How many rows of a dry run differ, per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub missing: u64,
+    pub extra: u64,
+    pub different: u64,
+}
+
+/// How a dry run's shadow differs from the live model, per table. The rows are the first
+/// [`SAMPLES`] of each kind (the report stays small whatever the table's size); every
+/// difference goes to the dry run's sink as it is found ([`dry_run`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Differences {
     /// Rows the rebuilt model has and the live one lacks.
@@ -42,13 +53,43 @@ pub struct Differences {
     pub extra: Vec<Value>,
     /// Rows present in both with different values: `{live, rebuilt}`.
     pub different: Vec<Value>,
+    /// How many of each kind there are in all.
+    pub counts: Counts,
+    /// Whether some rows were left out of the lists above (see `counts`).
+    pub truncated: bool,
 }
+
+/// Rows of each kind a report keeps per table.
+pub const SAMPLES: usize = 100;
 
 impl Differences {
     /// No difference at all.
     pub fn is_empty(&self) -> bool {
-        self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+        self.counts == Counts::default()
     }
+
+    fn add(&mut self, kind: &str, row: Value) {
+        let (list, count) = match kind {
+            "missing" => (&mut self.missing, &mut self.counts.missing),
+            "extra" => (&mut self.extra, &mut self.counts.extra),
+            _ => (&mut self.different, &mut self.counts.different),
+        };
+        *count += 1;
+        if list.len() < SAMPLES {
+            list.push(row);
+        } else {
+            self.truncated = true;
+        }
+    }
+}
+
+/// One difference a dry run found, as it is found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference<'a> {
+    pub table: &'a str,
+    /// `missing`, `extra` or `different`.
+    pub kind: &'a str,
+    pub row: &'a Value,
 }
 
 /// What a rebuild did.
@@ -98,6 +139,52 @@ pub async fn rebuild(
     projection: &str,
     batch_size: i64,
     dry_run: bool,
+    on_progress: impl FnMut(Progress) + Send,
+) -> Result<Report, OpError> {
+    let mode = if dry_run {
+        Mode::DryRun(&mut |_: Difference<'_>| {})
+    } else {
+        Mode::Swap
+    };
+    run_locked(pool, projection, batch_size, mode, on_progress).await
+}
+
+/// Builds a shadow of `projection` and compares it with the live model without changing
+/// it, calling `on_progress` after every batch and `on_difference` for every row that
+/// differs, as the comparison finds it (nothing is held in memory but the report's samples).
+///
+/// The comparison runs in one transaction that holds the live projector back (the guards
+/// lock of the swap), brings the shadow to the store's head and the live model to the same
+/// point (the events it lags behind on, applied through its guards), compares, and rolls
+/// back: lag is never reported as a difference, and the live model is left as it was.
+pub async fn dry_run(
+    pool: &PgPool,
+    projection: &str,
+    batch_size: i64,
+    on_progress: impl FnMut(Progress) + Send,
+    on_difference: &mut (dyn FnMut(Difference<'_>) + Send),
+) -> Result<Report, OpError> {
+    run_locked(
+        pool,
+        projection,
+        batch_size,
+        Mode::DryRun(on_difference),
+        on_progress,
+    )
+    .await
+}
+
+/// What to do with the shadow once built.
+enum Mode<'a> {
+    Swap,
+    DryRun(&'a mut (dyn FnMut(Difference<'_>) + Send)),
+}
+
+async fn run_locked(
+    pool: &PgPool,
+    projection: &str,
+    batch_size: i64,
+    mode: Mode<'_>,
     mut on_progress: impl FnMut(Progress) + Send,
 ) -> Result<Report, OpError> {
     let tables = known(projection)?;
@@ -119,7 +206,7 @@ pub async fn rebuild(
         tables,
         &schema,
         batch_size,
-        dry_run,
+        mode,
         &mut on_progress,
     )
     .await;
@@ -133,7 +220,7 @@ async fn run(
     tables: &[&str],
     schema: &str,
     batch_size: i64,
-    dry_run: bool,
+    mode: Mode<'_>,
     on_progress: &mut (impl FnMut(Progress) + Send),
 ) -> Result<Report, OpError> {
     create_shadow(pool, schema, tables).await?;
@@ -172,21 +259,56 @@ async fn run(
         progress,
         ..Report::default()
     };
-    if dry_run {
-        for table in tables {
-            report
-                .differences
-                .insert((*table).to_owned(), differences(pool, schema, table).await?);
-        }
+    if let Mode::DryRun(on_difference) = mode {
+        let compared = compare(
+            pool,
+            projection,
+            tables,
+            schema,
+            cursor,
+            &mut report,
+            on_difference,
+        )
+        .await;
         sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
             .execute(pool)
             .await?;
+        compared?;
         return Ok(report);
     }
-    swap(pool, projection, tables, schema, cursor, &mut report).await?;
+    // A swap waits for the live projector's batches; should PostgreSQL still break a lock
+    // cycle (or a lock wait time out), the whole swap rolls back and is tried again.
+    let mut backoff = std::time::Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        let before = report.progress;
+        match swap(pool, projection, tables, schema, cursor, &mut report).await {
+            Ok(()) => break,
+            Err(err) if is_lock_conflict(&err) && attempt < SWAP_ATTEMPTS => {
+                tracing::warn!(projection, attempt, error = %err, "swap rolled back; trying again");
+                report.progress = before;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
     report.swapped = true;
     on_progress(report.progress);
     Ok(report)
+}
+
+/// How often a swap PostgreSQL rolled back for a lock conflict is tried.
+const SWAP_ATTEMPTS: u32 = 10;
+
+/// A deadlock, a serialization failure or a lock wait that timed out: the swap's state, not
+/// its fault, so it is tried again.
+fn is_lock_conflict(err: &sqlx::Error) -> bool {
+    matches!(
+        err.as_database_error().and_then(|db| db.code()).as_deref(),
+        Some("40P01" | "40001" | "55P03")
+    )
 }
 
 async fn create_shadow(pool: &PgPool, schema: &str, tables: &[&str]) -> Result<(), sqlx::Error> {
@@ -259,7 +381,30 @@ async fn apply_batch(
             )
         })
         .collect();
-    apply_events(tx, &[projection], &events, &mut outcome).await?;
+    // Events an operator skipped for this projection stay out of the rebuilt model as they
+    // are out of the live one (ADR 0014): their guard moves past them, nothing else.
+    let ids: Vec<uuid::Uuid> = events.iter().map(|(e, _)| e.event_id).collect();
+    let skipped = dead_letters::skipped(tx, projection, &ids).await?;
+    let mut rest = events.as_slice();
+    while let Some(at) = rest.iter().position(|(e, _)| skipped.contains(&e.event_id)) {
+        let (before, after) = rest.split_at(at);
+        apply_events(tx, &[projection], before, &mut outcome).await?;
+        let (event, _) = after[0];
+        if names::handles(projection, &event.aggregate_type) {
+            let id = event.aggregate_id.as_str();
+            guards::lock_many(tx, projection, &[id]).await?;
+            guards::advance_many(
+                tx,
+                projection,
+                &[id],
+                &[event.sequence],
+                &[event.global_position],
+            )
+            .await?;
+        }
+        rest = &after[1..];
+    }
+    apply_events(tx, &[projection], rest, &mut outcome).await?;
     Ok(i64::try_from(batch.len()).unwrap_or(i64::MAX))
 }
 
@@ -322,12 +467,23 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     for table in tables {
+        // `LIKE … INCLUDING ALL` names the shadow's indexes after their columns; the live
+        // names come back after the move, so migrations that name an index still find it.
+        let names = index_names(&mut tx, table).await?;
         sqlx::query(&format!("DROP TABLE public.{table}"))
             .execute(&mut *tx)
             .await?;
         sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public"))
             .execute(&mut *tx)
             .await?;
+        for (moved, definition) in index_names(&mut tx, table).await? {
+            let live = names.iter().find(|(_, d)| *d == definition);
+            if let Some((name, _)) = live.filter(|(name, _)| *name != moved) {
+                sqlx::query(&format!("ALTER INDEX public.{moved} RENAME TO {name}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
     }
     sqlx::query("DELETE FROM public.projection_guards WHERE projection = $1")
         .bind(projection)
@@ -349,7 +505,8 @@ async fn swap(
               event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value)
          SELECT projection, reason, event_id, aggregate_id, sequence, global_position, event_type,
                 event_version, source, kafka_partition, kafka_offset, raw_headers, raw_value
-           FROM {schema}.dead_letters"
+           FROM {schema}.dead_letters
+         ON CONFLICT DO NOTHING"
     ))
     .execute(&mut *tx)
     .await?;
@@ -382,15 +539,114 @@ async fn swap(
     tx.commit().await
 }
 
-/// Rows of `table` that differ between the live model and the shadow, paired by key.
-async fn differences(pool: &PgPool, schema: &str, table: &str) -> Result<Differences, sqlx::Error> {
+/// The indexes of `public.table`: (name, definition without the name).
+async fn index_names(
+    tx: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT indexname::text, regexp_replace(indexdef, 'INDEX \\S+ ON ', 'INDEX ON ')
+           FROM pg_indexes WHERE schemaname = 'public' AND tablename = $1",
+    )
+    .bind(table)
+    .fetch_all(tx)
+    .await
+}
+
+/// The dry run's comparison (see [`dry_run`]): under the guards lock, the shadow and the
+/// live model are both brought to the store's head, compared table by table with the
+/// differences streamed to `on_difference`, and everything rolled back.
+async fn compare(
+    pool: &PgPool,
+    projection: &str,
+    tables: &[&str],
+    schema: &str,
+    mut cursor: LogCursor,
+    report: &mut Report,
+    on_difference: &mut (dyn FnMut(Difference<'_>) + Send),
+) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    // As the swap: the live projector's batches in flight finish, the next ones wait.
+    sqlx::query("LOCK TABLE public.projection_guards IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    use_schema(&mut tx, schema).await?;
+    loop {
+        let batch = ledger_store::read_after(pool, cursor, 1000).await?;
+        let Some(last) = batch.last().map(|e| e.cursor) else {
+            break;
+        };
+        let applied = apply_batch(&mut tx, projection, &batch).await?;
+        save_cursor(&mut tx, projection, last, applied).await?;
+        cursor = last;
+        report.progress.events += applied;
+        report.progress.position = cursor.global_position;
+    }
+    sqlx::query("SET LOCAL search_path TO public")
+        .execute(&mut *tx)
+        .await?;
+    // The live model's lag: aggregates whose live guard is behind the shadow's, brought to
+    // the same sequence through the live guards (rolled back at the end).
+    let lagging: Vec<(String, String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT e.aggregate_type, s.aggregate_id, coalesce(l.last_sequence, 0), s.last_sequence
+           FROM {schema}.projection_guards s
+           JOIN events e ON e.aggregate_id = s.aggregate_id AND e.sequence = s.last_sequence
+           LEFT JOIN public.projection_guards l
+                  ON l.projection = s.projection AND l.aggregate_id = s.aggregate_id
+          WHERE s.projection = $1 AND s.last_sequence > coalesce(l.last_sequence, 0)"
+    ))
+    .bind(projection)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut behind = Vec::new();
+    for (aggregate_type, aggregate_id, live, shadow) in &lagging {
+        behind.extend(
+            ledger_store::events_of(&mut tx, aggregate_type, aggregate_id, live + 1, *shadow)
+                .await?,
+        );
+    }
+    behind.sort_by_key(|event| event.global_position);
+    let origin = Origin::Store {
+        cursor: LogCursor::default(),
+    };
+    let behind: Vec<_> = behind.iter().map(|event| (event, origin)).collect();
+    apply_events(&mut tx, &[projection], &behind, &mut Applied::default()).await?;
+    if !lagging.is_empty() {
+        tracing::info!(
+            projection,
+            aggregates = lagging.len(),
+            events = behind.len(),
+            "dry run: the live model lags; compared as of the store's head"
+        );
+    }
+    for table in tables {
+        let mut differences = Differences::default();
+        let query = differences_query(schema, table);
+        let mut rows = sqlx::query_as::<_, (String, Value)>(&query).fetch(&mut *tx);
+        while let Some((kind, row)) = rows.try_next().await? {
+            on_difference(Difference {
+                table,
+                kind: &kind,
+                row: &row,
+            });
+            differences.add(&kind, row);
+        }
+        drop(rows);
+        report.differences.insert((*table).to_owned(), differences);
+    }
+    tx.rollback().await
+}
+
+/// The rows of `table` that differ between the live model and the shadow, paired by key.
+fn differences_query(schema: &str, table: &str) -> String {
     let key = names::primary_key(table);
     let join = key
         .iter()
         .map(|c| format!("l.{c} = s.{c}"))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let rows: Vec<(String, Value)> = sqlx::query_as(&format!(
+    format!(
         "SELECT 'missing', to_jsonb(s) FROM {schema}.{table} s
           WHERE NOT EXISTS (SELECT 1 FROM public.{table} l WHERE {join})
          UNION ALL
@@ -400,16 +656,5 @@ async fn differences(pool: &PgPool, schema: &str, table: &str) -> Result<Differe
          SELECT 'different', jsonb_build_object('live', to_jsonb(l), 'rebuilt', to_jsonb(s))
            FROM public.{table} l JOIN {schema}.{table} s ON {join}
           WHERE to_jsonb(l) <> to_jsonb(s)"
-    ))
-    .fetch_all(pool)
-    .await?;
-    let mut differences = Differences::default();
-    for (kind, row) in rows {
-        match kind.as_str() {
-            "missing" => differences.missing.push(row),
-            "extra" => differences.extra.push(row),
-            _ => differences.different.push(row),
-        }
-    }
-    Ok(differences)
+    )
 }
