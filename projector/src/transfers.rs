@@ -114,6 +114,10 @@ impl ProcessManager {
     /// reactions already taken are recognised and skipped). Poison events go to the dead
     /// letters. Reading the store, the cursor advances after the reactions.
     pub async fn handle_batch(&self, batch: &[Incoming]) -> Result<Applied, ReactionError> {
+        // Reacts to the store's copies only (ADR 0016).
+        let checked =
+            crate::apply::checked_against_store(&mut *self.pool.acquire().await?, batch).await?;
+        let batch = checked.as_slice();
         let mut by_transfer: BTreeMap<String, Vec<RecordedEvent>> = BTreeMap::new();
         for item in batch {
             if let Incoming::Event { event, .. } = item {

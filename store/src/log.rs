@@ -139,6 +139,23 @@ pub async fn event_by_id(
     Ok(row.map(|row| row.into_entry().event))
 }
 
+/// The stored events among `event_ids`, in no particular order (ids the store does not
+/// hold are absent). One statement, on the caller's connection (so inside its transaction).
+pub async fn events_by_ids(
+    conn: &mut sqlx::PgConnection,
+    event_ids: &[Uuid],
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    if event_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Row> =
+        sqlx::query_as(&format!("{SELECT_EVENTS} WHERE event_id = ANY($1::uuid[])"))
+            .bind(event_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
+}
+
 /// The number of events in the store and the highest global position.
 pub async fn head(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as("SELECT count(*), coalesce(max(global_position), 0) FROM events")
