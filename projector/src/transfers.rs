@@ -143,6 +143,12 @@ impl ProcessManager {
         })
     }
 
+    /// Drives one transfer on from `events` (its latest, read from the store by the sweep
+    /// of stuck transfers), as if they had just arrived; see [`Self::react_in_order`].
+    pub async fn drive(&self, events: Vec<RecordedEvent>) -> Result<u64, ReactionError> {
+        self.react_in_order(events).await
+    }
+
     /// Reacts to one transfer's events, in order; poison ones go to the dead letters. A
     /// transient failure (a lost race past the retries, the database) is retried here, for
     /// this transfer alone, with backoff; after [`IN_PLACE_ATTEMPTS`] it fails the batch.

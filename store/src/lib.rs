@@ -21,6 +21,6 @@ pub mod log;
 pub mod positions;
 
 pub use log::{
-    event_by_id, events_by_ids, events_of, head, lag, read_after, read_positions, Lag, LogCursor,
-    LogEntry, LogNotifications,
+    event_by_id, events_by_ids, events_of, head, lag, read_after, read_positions, waiting_in, Lag,
+    LogCursor, LogEntry, LogNotifications,
 };
