@@ -138,18 +138,35 @@ pub fn decode<'a>(
             .find(|(key, _)| *key == name)
             .map(|(_, v)| *v)
             .ok_or(MessageError::MissingHeader(name))?;
-        String::from_utf8(raw.to_vec()).map_err(|err| MessageError::InvalidHeader {
+        let text = String::from_utf8(raw.to_vec()).map_err(|err| MessageError::InvalidHeader {
             name,
             reason: err.to_string(),
-        })
+        })?;
+        // No event of the store holds a NUL (PostgreSQL text cannot), so a message with one
+        // is not an event of ours.
+        if text.contains('\0') {
+            return Err(MessageError::InvalidHeader {
+                name,
+                reason: "contains a NUL byte".into(),
+            });
+        }
+        Ok(text)
     };
+    // Sequences and global positions start at 1.
     let number = |name: &'static str| -> Result<i64, MessageError> {
-        text(name)?
+        let number: i64 = text(name)?
             .parse()
             .map_err(|err: std::num::ParseIntError| MessageError::InvalidHeader {
                 name,
                 reason: err.to_string(),
-            })
+            })?;
+        if number < 1 {
+            return Err(MessageError::InvalidHeader {
+                name,
+                reason: format!("{number} is not a positive number"),
+            });
+        }
+        Ok(number)
     };
     let metadata: Metadata = match text(header::METADATA) {
         Ok(json) => serde_json::from_str(&json).map_err(|err| MessageError::InvalidHeader {
@@ -238,6 +255,39 @@ mod tests {
         );
         let headers = message.headers.iter().map(|(k, v)| (*k, v.as_bytes()));
         assert_eq!(decode(headers, &message.value).unwrap(), event);
+    }
+
+    fn decode_with(name: &str, value: &str) -> Result<RecordedEvent, MessageError> {
+        let message = encode(&event(), "/ledger");
+        let headers = message
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, if *k == name { value } else { v.as_str() }.as_bytes()));
+        decode(headers, &message.value)
+    }
+
+    #[test]
+    fn a_message_with_a_sequence_or_position_below_one_is_refused() {
+        for name in ["ledger_sequence", "ledger_global_position"] {
+            for value in ["0", "-1"] {
+                let refused = decode_with(name, value);
+                assert!(
+                    matches!(&refused, Err(MessageError::InvalidHeader { name: n, .. }) if *n == name),
+                    "{name}={value}: {refused:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_with_a_nul_byte_in_a_header_is_refused() {
+        for name in ["ce_subject", "ledger_aggregate_type", "ledger_event_type"] {
+            let refused = decode_with(name, "acc\0ount");
+            assert!(
+                matches!(&refused, Err(MessageError::InvalidHeader { name: n, reason }) if *n == name && reason.contains("NUL")),
+                "{name}: {refused:?}"
+            );
+        }
     }
 
     #[test]

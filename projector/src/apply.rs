@@ -1,5 +1,9 @@
 //! Applying a batch of incoming events to every projection in one transaction (ADR 0013).
 //!
+//! A batch from Kafka is first checked against the store ([`checked_against_store`]): each
+//! event is replaced by the store's copy, and a message whose event the store does not hold
+//! becomes a dead letter (ADR 0016).
+//!
 //! [`apply_events`] is the one code path of live apply, replay and rebuild. Per projection,
 //! with a fixed number of statements whatever the batch's size:
 //!
@@ -143,6 +147,7 @@ impl Applier {
     /// Applies `batch` in one transaction.
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Applied, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let batch = &checked_against_store(&mut tx, batch).await?;
         let mut outcome = Applied::default();
         let mut events = Vec::with_capacity(batch.len());
         let mut newest: Option<(i64, DateTime<Utc>)> = None;
@@ -227,6 +232,95 @@ impl Applier {
         tx.commit().await?;
         Ok(outcome)
     }
+}
+
+/// The store is the truth, not the message (ADR 0016): each event of `batch` that came from
+/// Kafka is replaced by the store's copy of it (found by event id, at the same aggregate
+/// and sequence), or, when the store holds no such event, becomes an unreadable message
+/// saying so, which goes to the dead letters while the partition moves on. So a gap is
+/// only ever repaired up to an event the store holds, and a guard never moves past the
+/// aggregate's real events. Events read from the store pass as they are. One statement
+/// per batch, none when nothing came from Kafka.
+pub async fn checked_against_store(
+    conn: &mut PgConnection,
+    batch: &[Incoming],
+) -> Result<Vec<Incoming>, sqlx::Error> {
+    let ids: Vec<uuid::Uuid> = batch
+        .iter()
+        .filter_map(|item| match item {
+            Incoming::Event {
+                event,
+                origin: Origin::Kafka { .. },
+            } => Some(event.event_id),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(batch.to_vec());
+    }
+    let stored: std::collections::HashMap<uuid::Uuid, RecordedEvent> =
+        ledger_store::events_by_ids(conn, &ids)
+            .await?
+            .into_iter()
+            .map(|event| (event.event_id, event))
+            .collect();
+    Ok(batch
+        .iter()
+        .map(|item| match item {
+            Incoming::Event {
+                event,
+                origin: origin @ Origin::Kafka { .. },
+            } => match stored.get(&event.event_id) {
+                Some(truth)
+                    if truth.aggregate_type == event.aggregate_type
+                        && truth.aggregate_id == event.aggregate_id
+                        && truth.sequence == event.sequence =>
+                {
+                    Incoming::Event {
+                        event: Box::new(truth.clone()),
+                        origin: *origin,
+                    }
+                }
+                found => {
+                    let reason = match found {
+                        None => format!(
+                            "not in the event store: no event {} ({} {} sequence {})",
+                            event.event_id,
+                            event.aggregate_type,
+                            event.aggregate_id,
+                            event.sequence
+                        ),
+                        Some(truth) => format!(
+                            "differs from the event store: event {} is {} {} sequence {} there, \
+                             {} {} sequence {} in the message",
+                            event.event_id,
+                            truth.aggregate_type,
+                            truth.aggregate_id,
+                            truth.sequence,
+                            event.aggregate_type,
+                            event.aggregate_id,
+                            event.sequence
+                        ),
+                    };
+                    Incoming::Unreadable {
+                        reason,
+                        origin: *origin,
+                        headers: Some(serde_json::json!({
+                            "ce_id": event.event_id,
+                            "ledger_aggregate_type": event.aggregate_type,
+                            "ce_subject": event.aggregate_id,
+                            "ledger_sequence": event.sequence,
+                            "ledger_global_position": event.global_position,
+                            "ledger_event_type": event.event_type,
+                            "ledger_event_version": event.event_version,
+                        })),
+                        value: Some(event.payload.to_string()),
+                    }
+                }
+            },
+            other => other.clone(),
+        })
+        .collect())
 }
 
 /// Whether PostgreSQL refused a value the events brought (a data exception such as a numeric

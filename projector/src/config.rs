@@ -81,6 +81,15 @@ pub struct Settings {
     #[arg(long, env = "TRANSFERS_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub transfers_concurrency: u32,
 
+    /// A transfer whose latest event in the store is older than this and not terminal
+    /// (requested or debited) is driven on by the sweep, whatever Kafka still holds.
+    #[arg(long, env = "TRANSFERS_STUCK_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub transfers_stuck_after: Duration,
+
+    /// How often the store is swept for stuck transfers.
+    #[arg(long, env = "TRANSFERS_SWEEP_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub transfers_sweep_interval: Duration,
+
     /// Fault injection for tests: abort the process right after the Nth money-moving step
     /// of a transfer commits and before the transfer is told. 0 disables it.
     #[arg(

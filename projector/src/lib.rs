@@ -18,6 +18,8 @@
 //!   used by the `ledger-admin` CLI and the admin HTTP API ([`admin`]).
 //! - [`transfers`]: the transfer process manager, fed by its own consumer group (or its own
 //!   store cursor): debits, credits or refunds, settles; each step taken at most once.
+//! - [`sweep`]: finds transfers left not terminal in the store for too long (their events
+//!   lost from the log) and drives them on through the process manager.
 //! - [`startup`]: [`startup::Application`], started by `main` and by tests.
 //!
 //! The projections themselves (their tables and SQL) live in `ledger-readmodels`, which the
@@ -31,4 +33,5 @@ pub mod source_kafka;
 pub mod source_store;
 pub mod startup;
 pub mod status;
+pub mod sweep;
 pub mod transfers;

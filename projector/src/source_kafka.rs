@@ -304,10 +304,6 @@ async fn work<H: BatchHandler>(
 
 /// Reads a message into an event, or keeps it raw when it is not one.
 fn to_incoming(message: &BorrowedMessage<'_>) -> Incoming {
-    let origin = Origin::Kafka {
-        partition: message.partition(),
-        offset: message.offset(),
-    };
     let headers: Vec<(&str, &[u8])> = message
         .headers()
         .map(|headers| {
@@ -318,6 +314,13 @@ fn to_incoming(message: &BorrowedMessage<'_>) -> Incoming {
         })
         .unwrap_or_default();
     let value = message.payload().unwrap_or_default();
+    incoming(message.partition(), message.offset(), &headers, value)
+}
+
+/// The message at `partition`/`offset` with `headers` and `value`, read into an event, or
+/// kept raw (with why) when it is not one.
+pub fn incoming(partition: i32, offset: i64, headers: &[(&str, &[u8])], value: &[u8]) -> Incoming {
+    let origin = Origin::Kafka { partition, offset };
     match decode(headers.iter().copied(), value) {
         Ok(event) => Incoming::Event {
             event: Box::new(event),

@@ -210,6 +210,15 @@ async fn run_process_manager(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let concurrency = usize::try_from(settings.transfers_concurrency).unwrap_or(8);
+    // Transfers the log left behind are found in the store and driven on (ADR 0016).
+    let sweep = tokio::spawn(crate::sweep::run(
+        pool.clone(),
+        ProcessManager::new(pool.clone(), concurrency, false, 0),
+        settings.transfers_stuck_after,
+        settings.transfers_sweep_interval,
+        status.clone(),
+        stop.clone(),
+    ));
     match consumer {
         Some(consumer) => {
             let manager = ProcessManager::new(
@@ -240,5 +249,8 @@ async fn run_process_manager(
             )
             .await;
         }
+    }
+    if let Err(err) = sweep.await {
+        tracing::error!(error = %err, "sweep of stuck transfers panicked");
     }
 }

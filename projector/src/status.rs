@@ -38,6 +38,11 @@ pub struct Counters {
     pub stalled: Option<String>,
     /// Times the consumer left and rejoined its group because it was stalled.
     pub rejoins: u64,
+    /// Process manager: transfers found not terminal and older than the threshold by the
+    /// last sweep of the store (ADR 0016).
+    pub stuck_transfers: u64,
+    /// Process manager: transfers the sweeps drove on since the process started.
+    pub swept_transfers: u64,
 }
 
 /// Shared counters.
@@ -159,6 +164,11 @@ async fn refresh_metrics(state: StatusState) {
     }
     metrics::counter!("ledger_projector_applied_total")
         .absolute(status["process"]["applied"].as_u64().unwrap_or(0));
+    let process_manager = &status["transfer_process_manager"]["counters"];
+    metrics::gauge!("ledger_transfers_stuck")
+        .set(process_manager["stuck_transfers"].as_f64().unwrap_or(0.0));
+    metrics::counter!("ledger_transfers_swept_total")
+        .absolute(process_manager["swept_transfers"].as_u64().unwrap_or(0));
     metrics::counter!("ledger_transfers_reactions_total").absolute(
         status["transfer_process_manager"]["counters"]["applied"]
             .as_u64()

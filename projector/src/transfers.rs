@@ -114,6 +114,10 @@ impl ProcessManager {
     /// reactions already taken are recognised and skipped). Poison events go to the dead
     /// letters. Reading the store, the cursor advances after the reactions.
     pub async fn handle_batch(&self, batch: &[Incoming]) -> Result<Applied, ReactionError> {
+        // Reacts to the store's copies only (ADR 0016).
+        let checked =
+            crate::apply::checked_against_store(&mut *self.pool.acquire().await?, batch).await?;
+        let batch = checked.as_slice();
         let mut by_transfer: BTreeMap<String, Vec<RecordedEvent>> = BTreeMap::new();
         for item in batch {
             if let Incoming::Event { event, .. } = item {
@@ -137,6 +141,12 @@ impl ProcessManager {
             applied: reactions.iter().sum(),
             ..Applied::default()
         })
+    }
+
+    /// Drives one transfer on from `events` (its latest, read from the store by the sweep
+    /// of stuck transfers), as if they had just arrived; see [`Self::react_in_order`].
+    pub async fn drive(&self, events: Vec<RecordedEvent>) -> Result<u64, ReactionError> {
+        self.react_in_order(events).await
     }
 
     /// Reacts to one transfer's events, in order; poison ones go to the dead letters. A

@@ -46,6 +46,14 @@ pub fn producer(settings: &Settings) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
+/// Lets go of `producer` on a blocking thread, so that its destruction never stalls a
+/// tokio worker: dropping the last handle of a librdkafka producer purges its queues,
+/// flushes for up to 500 ms and joins the client's threads. The handle resolves once it is
+/// gone.
+pub fn dispose(producer: FutureProducer) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || drop(producer))
+}
+
 /// Creates the topic unless it exists, with the configured partitions and replication
 /// (brokers should not auto-create it: compose turns that off, and an auto-created topic
 /// would get the broker's default partition count).
@@ -137,4 +145,39 @@ pub async fn publish(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer for a broker that never answers, with a message in its queue: what the
+    /// relay holds when it renews its producer after a failed batch.
+    fn stuck_producer() -> FutureProducer {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .expect("a producer");
+        let record = FutureRecord::to("ledger.events").key("k").payload("{}");
+        let delivery = producer.send_result(record).expect("enqueued");
+        // Only the producer's own drop may end the delivery.
+        std::mem::forget(delivery);
+        producer
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn disposing_of_a_producer_never_blocks_the_runtime_thread() {
+        let producer = stuck_producer();
+        let started = std::time::Instant::now();
+        let gone = dispose(producer);
+        let blocked = started.elapsed();
+        gone.await.expect("the producer is dropped");
+        assert!(
+            blocked < Duration::from_millis(100),
+            "the runtime thread was blocked for {blocked:?} while the producer was destroyed"
+        );
+    }
 }

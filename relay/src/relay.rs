@@ -154,6 +154,7 @@ impl Relay {
             }
             if !leadership.still_held().await {
                 tracing::warn!("leadership connection lost; standing down");
+                kafka::dispose(producer);
                 return;
             }
             if lag_at.elapsed() >= LAG_EVERY {
@@ -238,11 +239,13 @@ impl Relay {
         leadership.release().await;
     }
 
-    /// A fresh producer in place of `old` (kept if a new one cannot be configured).
+    /// A fresh producer in place of `old` (kept if a new one cannot be configured); `old` is
+    /// destroyed on a blocking thread ([`kafka::dispose`]).
     fn renew(&self, old: FutureProducer) -> FutureProducer {
         match crate::kafka::producer(&self.settings) {
             Ok(fresh) => {
                 tracing::info!("producer renewed after a failed batch");
+                kafka::dispose(old);
                 fresh
             }
             Err(err) => {

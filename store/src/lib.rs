@@ -27,6 +27,6 @@ pub mod aggregates;
 pub mod log;
 
 pub use log::{
-    event_by_id, events_of, head, lag, read_after, read_positions, Lag, LogCursor, LogEntry,
-    LogNotifications,
+    event_by_id, events_by_ids, events_of, head, lag, read_after, read_positions, waiting_in, Lag,
+    LogCursor, LogEntry, LogNotifications,
 };

@@ -139,6 +139,52 @@ pub async fn event_by_id(
     Ok(row.map(|row| row.into_entry().event))
 }
 
+/// The stored events among `event_ids`, in no particular order (ids the store does not
+/// hold are absent). One statement, on the caller's connection (so inside its transaction).
+pub async fn events_by_ids(
+    conn: &mut sqlx::PgConnection,
+    event_ids: &[Uuid],
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    if event_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Row> =
+        sqlx::query_as(&format!("{SELECT_EVENTS} WHERE event_id = ANY($1::uuid[])"))
+            .bind(event_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
+}
+
+/// The latest event of each aggregate of `aggregate_type` whose latest event is one of
+/// `event_types` and was recorded before `before`, oldest first, at most `limit`: the
+/// aggregates left waiting in one of those states (e.g. transfers not yet terminal).
+pub async fn waiting_in(
+    pool: &PgPool,
+    aggregate_type: &str,
+    event_types: &[&str],
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "{SELECT_EVENTS}
+          WHERE aggregate_type = $1 AND event_type = ANY($2) AND recorded_at < $3
+            AND NOT EXISTS (SELECT 1 FROM events later
+                             WHERE later.aggregate_type = events.aggregate_type
+                               AND later.aggregate_id = events.aggregate_id
+                               AND later.sequence > events.sequence)
+          ORDER BY events.global_position
+          LIMIT $4"
+    ))
+    .bind(aggregate_type)
+    .bind(event_types)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|row| row.into_entry().event).collect())
+}
+
 /// The number of events in the store and the highest global position.
 pub async fn head(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as("SELECT count(*), coalesce(max(global_position), 0) FROM events")

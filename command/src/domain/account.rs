@@ -1,5 +1,7 @@
 //! The account aggregate: opened in one currency, credited, debited, closed at zero.
 
+use std::collections::BTreeMap;
+
 use ledger_events::{
     AccountEvent, Amount, Currency, DecodeError, RecordedEvent, ACCOUNT_AGGREGATE_TYPE,
 };
@@ -85,8 +87,11 @@ pub enum AccountError {
     /// A withdrawal larger than the balance.
     #[error("insufficient funds: the balance is {balance}, the withdrawal {requested}")]
     InsufficientFunds { balance: i64, requested: i64 },
-    /// A deposit that would take the balance past the largest representable amount.
-    #[error("the deposit would take the balance past the largest supported amount")]
+    /// A credit that would take the balance, plus the money in flight from this account
+    /// (which a refund may bring back), past the largest representable amount (ADR 0016).
+    #[error(
+        "the credit would take the balance, with the money in flight from it, past the largest supported amount"
+    )]
     BalanceOverflow { balance: i64, requested: i64 },
     /// Closing an account that still holds money.
     #[error("the account can only be closed at a zero balance; it holds {balance}")]
@@ -128,6 +133,10 @@ pub struct Account {
     /// Transfers sent and neither settled nor refunded yet (absent in older snapshots).
     #[serde(default)]
     pub transfers_in_flight: u32,
+    /// The amounts of those transfers, by transfer id: money that may come back by a refund,
+    /// so credits keep room for it (ADR 0016). Absent in older snapshots.
+    #[serde(default)]
+    pub outgoing: BTreeMap<Uuid, i64>,
 }
 
 impl Decider for Account {
@@ -234,7 +243,8 @@ impl Decider for Account {
     }
 
     /// Folds one event into the state. Events are facts: this never fails. Arithmetic
-    /// saturates rather than wrapping, though `decide` never lets it get there.
+    /// saturates rather than wrapping, though `decide` never lets it get there: credits keep
+    /// room for every refund still possible (ADR 0016).
     fn fold(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::AccountOpened { owner, currency } => {
@@ -249,19 +259,30 @@ impl Decider for Account {
                 self.balance = self.balance.saturating_sub(amount.minor_units());
             }
             AccountEvent::AccountClosed {} => self.status = AccountStatus::Closed,
-            AccountEvent::TransferSent { amount, .. } => {
+            AccountEvent::TransferSent {
+                transfer_id,
+                amount,
+                ..
+            } => {
                 self.balance = self.balance.saturating_sub(amount.minor_units());
                 self.transfers_in_flight = self.transfers_in_flight.saturating_add(1);
+                self.outgoing.insert(*transfer_id, amount.minor_units());
             }
             AccountEvent::TransferReceived { amount, .. } => {
                 self.balance = self.balance.saturating_add(amount.minor_units());
             }
-            AccountEvent::TransferRefunded { amount, .. } => {
+            AccountEvent::TransferRefunded {
+                transfer_id,
+                amount,
+                ..
+            } => {
                 self.balance = self.balance.saturating_add(amount.minor_units());
                 self.transfers_in_flight = self.transfers_in_flight.saturating_sub(1);
+                self.outgoing.remove(transfer_id);
             }
-            AccountEvent::TransferSettled { .. } => {
+            AccountEvent::TransferSettled { transfer_id } => {
                 self.transfers_in_flight = self.transfers_in_flight.saturating_sub(1);
+                self.outgoing.remove(transfer_id);
             }
         }
     }
@@ -272,9 +293,22 @@ impl Decider for Account {
 }
 
 impl Account {
+    /// The money in flight from this account: what refunds may still bring back.
+    fn outgoing_in_flight(&self) -> i64 {
+        self.outgoing
+            .values()
+            .fold(0i64, |sum, amount| sum.saturating_add(*amount))
+    }
+
+    /// A credit must leave room for every refund still possible: the balance plus the money
+    /// in flight from the account stays within `i64` (ADR 0016), so a refund always fits.
     fn check_credit(&self, amount: Amount, currency: Currency) -> Result<(), AccountError> {
         self.check_accepts(currency)?;
-        if self.balance.checked_add(amount.minor_units()).is_none() {
+        let headroom = self.balance.checked_add(self.outgoing_in_flight());
+        if headroom
+            .and_then(|held| held.checked_add(amount.minor_units()))
+            .is_none()
+        {
             return Err(AccountError::BalanceOverflow {
                 balance: self.balance,
                 requested: amount.minor_units(),
@@ -589,5 +623,226 @@ mod tests {
         assert_eq!(account.balance, 65);
         assert_eq!(account.status, AccountStatus::Open);
         assert_eq!(account.currency, Some(eur()));
+    }
+
+    const MAX: i64 = i64::MAX;
+
+    fn sent_as(id: u128, units: i64) -> AccountEvent {
+        AccountEvent::TransferSent {
+            transfer_id: Uuid::from_u128(id),
+            to: Uuid::from_u128(9),
+            amount: amount(units),
+            currency: eur(),
+        }
+    }
+
+    fn refund(id: u128, units: i64) -> AccountCommand {
+        AccountCommand::RefundTransfer {
+            transfer_id: Uuid::from_u128(id),
+            amount: amount(units),
+            currency: eur(),
+            code: "account_closed".into(),
+            reason: "the account is closed".into(),
+        }
+    }
+
+    fn refunded(id: u128, units: i64) -> AccountEvent {
+        AccountEvent::TransferRefunded {
+            transfer_id: Uuid::from_u128(id),
+            amount: amount(units),
+            currency: eur(),
+            code: "account_closed".into(),
+            reason: "the account is closed".into(),
+        }
+    }
+
+    #[test]
+    fn a_deposit_that_would_leave_no_room_for_a_refund_in_flight_is_refused() {
+        // Everything sent: the balance is 0 but MAX may come back.
+        AccountTest::with(())
+            .given(vec![opened(), deposited(MAX), sent_as(7, MAX)])
+            .when(deposit(1, eur()))
+            .then_expect_error(AccountError::BalanceOverflow {
+                balance: 0,
+                requested: 1,
+            });
+        AccountTest::with(())
+            .given(vec![opened(), deposited(10), sent_as(7, 10)])
+            .when(deposit(MAX - 9, eur()))
+            .then_expect_error(AccountError::BalanceOverflow {
+                balance: 0,
+                requested: MAX - 9,
+            });
+    }
+
+    #[test]
+    fn a_transfer_received_that_would_leave_no_room_for_a_refund_in_flight_is_refused() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(10), sent_as(7, 4)])
+            .when(AccountCommand::ReceiveTransfer {
+                transfer_id: Uuid::from_u128(8),
+                from: Uuid::from_u128(9),
+                amount: amount(MAX - 9),
+                currency: eur(),
+            })
+            .then_expect_error(AccountError::BalanceOverflow {
+                balance: 6,
+                requested: MAX - 9,
+            });
+    }
+
+    #[test]
+    fn credits_up_to_the_room_left_by_the_flight_are_accepted_and_a_refund_then_fits_exactly() {
+        AccountTest::with(())
+            .given(vec![opened(), deposited(10), sent_as(7, 10)])
+            .when(deposit(MAX - 10, eur()))
+            .then_expect_events(vec![deposited(MAX - 10)]);
+        AccountTest::with(())
+            .given(vec![
+                opened(),
+                deposited(10),
+                sent_as(7, 10),
+                deposited(MAX - 10),
+            ])
+            .when(refund(7, 10))
+            .then_expect_events(vec![refunded(7, 10)]);
+        let mut account = Account::default();
+        for event in [
+            opened(),
+            deposited(10),
+            sent_as(7, 10),
+            deposited(MAX - 10),
+            refunded(7, 10),
+        ] {
+            account.fold(&event);
+        }
+        assert_eq!(account.balance, MAX, "not one unit lost to saturation");
+        assert_eq!(account.transfers_in_flight, 0);
+    }
+
+    #[test]
+    fn a_settled_transfer_frees_its_room_for_credits() {
+        AccountTest::with(())
+            .given(vec![
+                opened(),
+                deposited(10),
+                sent_as(7, 10),
+                AccountEvent::TransferSettled {
+                    transfer_id: Uuid::from_u128(7),
+                },
+            ])
+            .when(deposit(MAX, eur()))
+            .then_expect_events(vec![deposited(MAX)]);
+    }
+
+    /// Conservation at the edge, for every legal input of a small exhaustive grammar: from
+    /// every reachable state, every command `decide` accepts folds without saturating, and
+    /// the balance plus the money in flight equals credits minus debits in exact (i128)
+    /// arithmetic.
+    #[test]
+    fn no_accepted_command_near_the_edge_loses_money_to_saturation() {
+        let amounts = [1, MAX - 1, MAX];
+        let mut commands = Vec::new();
+        for &units in &amounts {
+            commands.push(deposit(units, eur()));
+            commands.push(withdraw(units));
+            for id in [7u128, 8] {
+                commands.push(AccountCommand::SendTransfer {
+                    transfer_id: Uuid::from_u128(id),
+                    to: Uuid::from_u128(9),
+                    amount: amount(units),
+                    currency: eur(),
+                });
+                commands.push(AccountCommand::ReceiveTransfer {
+                    transfer_id: Uuid::from_u128(id + 10),
+                    from: Uuid::from_u128(9),
+                    amount: amount(units),
+                    currency: eur(),
+                });
+            }
+        }
+        // (state, exact balance + in flight, sent and not yet settled or refunded)
+        let mut frontier = vec![(
+            {
+                let mut account = Account::default();
+                account.fold(&opened());
+                account
+            },
+            0i128,
+            Vec::<(u128, i64)>::new(),
+        )];
+        for _depth in 0..4 {
+            let mut next = Vec::new();
+            for (account, held, open) in &frontier {
+                let mut tries: Vec<AccountCommand> = commands.clone();
+                for (id, units) in open {
+                    tries.push(refund(*id, *units));
+                    tries.push(AccountCommand::SettleTransfer {
+                        transfer_id: Uuid::from_u128(*id),
+                    });
+                }
+                for command in tries {
+                    let Ok(events) = account.decide(command.clone()) else {
+                        continue;
+                    };
+                    // A refund or settle of an unknown transfer, or a second send with
+                    // the same id, is not a legal input: the process manager takes each
+                    // step once.
+                    let mut open = open.clone();
+                    let mut held = *held;
+                    let mut legal = true;
+                    for event in &events {
+                        match event {
+                            AccountEvent::MoneyDeposited { amount, .. }
+                            | AccountEvent::TransferReceived { amount, .. } => {
+                                held += i128::from(amount.minor_units());
+                            }
+                            AccountEvent::MoneyWithdrawn { amount, .. } => {
+                                held -= i128::from(amount.minor_units());
+                            }
+                            AccountEvent::TransferSent {
+                                transfer_id,
+                                amount,
+                                ..
+                            } => {
+                                let id = transfer_id.as_u128();
+                                legal &= open.iter().all(|(o, _)| *o != id);
+                                open.push((id, amount.minor_units()));
+                            }
+                            AccountEvent::TransferRefunded { transfer_id, .. } => {
+                                open.retain(|(o, _)| *o != transfer_id.as_u128());
+                            }
+                            AccountEvent::TransferSettled { transfer_id } => {
+                                let id = transfer_id.as_u128();
+                                if let Some((_, units)) = open.iter().find(|(o, _)| *o == id) {
+                                    held -= i128::from(*units);
+                                }
+                                open.retain(|(o, _)| *o != id);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if !legal {
+                        continue;
+                    }
+                    let mut after = account.clone();
+                    for event in &events {
+                        after.fold(event);
+                    }
+                    let in_flight: i128 = open.iter().map(|(_, units)| i128::from(*units)).sum();
+                    assert_eq!(
+                        i128::from(after.balance) + in_flight,
+                        held,
+                        "{command:?} from {account:?} lost money"
+                    );
+                    assert!(held <= i128::from(MAX), "{command:?} from {account:?}");
+                    next.push((after, held, open));
+                }
+            }
+            next.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+            next.dedup_by(|a, b| format!("{a:?}") == format!("{b:?}"));
+            frontier = next;
+        }
+        assert!(!frontier.is_empty());
     }
 }
