@@ -234,3 +234,68 @@ async fn an_idempotency_key_is_claimed_by_one_transaction_only() {
         .unwrap();
     assert_eq!(count, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_statement_may_not_claim_a_key_for_two_aggregates_nor_a_step_twice() {
+    // The claims run once per statement over its rows: a batch is judged as a whole, and
+    // a duplicate inside it fails the statement exactly as a duplicate across statements.
+    let (_, pool) = fresh_database().await;
+    let insert_two = |metadata_a: &str, metadata_b: &str, aggregate_b: &str| {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('account', 'a', 1, 'AccountClosed', '1', '{\"type\":\"AccountClosed\"}', $1::json),
+                    ('account', $3, 2, 'AccountClosed', '1', '{\"type\":\"AccountClosed\"}', $2::json)",
+        )
+        .bind(metadata_a.to_owned())
+        .bind(metadata_b.to_owned())
+        .bind(aggregate_b.to_owned())
+    };
+    let key = r#"{"idempotency_key":"k","idempotency_scope":"key:1","request_hash":"h"}"#;
+    let step = r#"{"transfer_step":"t:debit"}"#;
+    for (a, b, aggregate_b, what) in [
+        (key, key, "b", "one key for two aggregates"),
+        (step, step, "a", "one step twice"),
+    ] {
+        let err = insert_two(a, b, aggregate_b)
+            .execute(&pool)
+            .await
+            .expect_err(what);
+        assert_eq!(
+            err.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("23505"),
+            "{what}: {err}"
+        );
+    }
+    let written: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM idempotency_keys),
+                (SELECT count(*) FROM transfer_steps)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(written, (0, 0, 0), "a refused statement writes nothing");
+
+    // Two events of one aggregate under one key, and two different steps, are fine; the
+    // key records the last of them.
+    insert_two(key, key, "a").execute(&pool).await.unwrap();
+    let claimed: (i64, String) = sqlx::query_as(
+        "SELECT last_sequence, client_scope FROM idempotency_keys WHERE idempotency_key = 'k'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(claimed, (2, "key:1".to_owned()));
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('transfer', 't', 1, 'TransferDebited', '1', '{}', '{\"transfer_step\":\"t:1\"}'),
+                ('transfer', 't', 2, 'TransferCompleted', '1', '{}', '{\"transfer_step\":\"t:2\"}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM transfer_steps")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, 2);
+}
