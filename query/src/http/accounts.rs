@@ -14,7 +14,7 @@ use ledger_readmodels::statements::{self, StatementEntry};
 use ledger_readmodels::summaries::{self, AccountSummary};
 use serde::{Deserialize, Serialize};
 
-use super::consistency::{requested, wait_for};
+use super::consistency::{requested, wait_for, Model};
 use super::error::ApiError;
 use super::AppState;
 use ledger_platform::openapi::ProblemDetails;
@@ -97,7 +97,7 @@ pub async fn summary(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_problem)?;
     let position = requested(query.position.as_deref(), &headers)?;
-    wait_for(&state, &account_id, position).await?;
+    wait_for(&state, Model::Summary, &account_id, position).await?;
     let summary = load(&state, &account_id, position.unwrap_or(0)).await?;
     let tag = etag(&summary);
     let not_modified = headers
@@ -187,7 +187,7 @@ pub async fn statement(
     let after = parse_cursor(query.after.as_deref())?;
     let limit = parse_limit(query.limit.as_deref())?;
     let position = requested(query.position.as_deref(), &headers)?;
-    wait_for(&state, &account_id, position).await?;
+    wait_for(&state, Model::Statement, &account_id, position).await?;
     let entries = statements::page(&state.pool, &account_id, after, limit).await?;
     if entries.is_empty() && after == 0 {
         return Err(ApiError::AccountNotFound(account_id));
