@@ -159,3 +159,69 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
         .await;
     assert_behind(&totals, deposited, "totals after a summary-only rebuild");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_changes_a_row_changes_what_readers_get_and_its_etag() {
+    let url = migrated_database().await;
+    let api = CommandApi::start(&url).await;
+    // Cached entries would outlive the test: only the rebuild's notification can drop them.
+    let query = QueryApi::start(&url, &[("CACHE_TTL", "1h")]).await;
+    let (account, _) = open(&api, "etag").await;
+    let deposited = api.deposit(&account, 40).await["position"]
+        .as_i64()
+        .unwrap();
+    replay(&url, "account_summary", 1, deposited).await;
+    // A projection bug: the live row holds a wrong balance at the right version.
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("UPDATE account_summaries SET balance = 999 WHERE account_id = $1")
+        .bind(&account)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let path = format!("{}/v1/accounts/{account}", query.base);
+    let (status, headers, wrong) = query.get(&format!("/v1/accounts/{account}")).await;
+    assert_eq!(status, 200, "{wrong}");
+    assert_eq!(wrong["balance"], 999);
+    let stale_tag = headers["etag"].to_str().unwrap().to_owned();
+    let again = query
+        .client
+        .get(&path)
+        .header("If-None-Match", &stale_tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+
+    // The fixed projection is rebuilt: readers get the right row, from the cache too.
+    rebuild(&url, "account_summary").await;
+    eventually(DEADLINE, "the rebuilt balance answered", || async {
+        let (status, _, body) = query.get(&format!("/v1/accounts/{account}")).await;
+        if status == 200 && body["balance"] == 40 {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+    // And the copy a client kept from before is not confirmed as current.
+    let revalidated = query
+        .client
+        .get(&path)
+        .header("If-None-Match", &stale_tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), 200, "a 304 confirmed the stale copy");
+    let new_tag = revalidated.headers()["etag"].to_str().unwrap().to_owned();
+    assert_ne!(new_tag, stale_tag);
+    let body: Value = revalidated.json().await.unwrap();
+    assert_eq!(body["balance"], 40);
+    let current = query
+        .client
+        .get(&path)
+        .header("If-None-Match", &new_tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(current.status(), 304);
+}

@@ -76,8 +76,19 @@ fn query_problem(err: axum::extract::rejection::QueryRejection) -> ApiError {
     }
 }
 
+/// The summary's entity tag: its id and version, and a digest of what is answered, so a
+/// row whose content changes without a new event (a rebuild after a projection fix) gets a
+/// new tag and a client's cached copy is not confirmed by a 304 (ADR 0015).
 fn etag(summary: &AccountSummary) -> String {
-    format!("\"{}-{}\"", summary.account_id, summary.version)
+    use sha2::{Digest, Sha256};
+    let body = serde_json::to_vec(summary).unwrap_or_default();
+    let digest = Sha256::digest(&body);
+    format!(
+        "\"{}-{}-{}\"",
+        summary.account_id,
+        summary.version,
+        hex::encode(&digest[..8])
+    )
 }
 
 /// An account's balance and state.

@@ -100,7 +100,7 @@ pub async fn wait_for(
             loop {
                 match changes.recv().await {
                     // This aggregate, or everything (a rebuild swapped a model in).
-                    Ok(changed) if &*changed == id || &*changed == "*" => return,
+                    Ok(changed) if &*changed == id || &*changed == crate::changes::ALL => return,
                     Ok(_) => {}
                     // Missed some: check again.
                     Err(_) => return,
