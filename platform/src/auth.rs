@@ -462,7 +462,13 @@ mod tests {
             headers.insert(header::AUTHORIZATION, value.parse().unwrap());
             assert_eq!(bearer(&headers), Some(key), "{value}");
         }
-        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerx abc", &format!("Token {key}")] {
+        for value in [
+            "Basic abc",
+            "Bearer",
+            "Bearer ",
+            "Bearerx abc",
+            &format!("Token {key}"),
+        ] {
             let mut headers = HeaderMap::new();
             headers.insert(header::AUTHORIZATION, value.parse().unwrap());
             assert_eq!(bearer(&headers), None, "{value}");
