@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Property-based API testing: runs schemathesis (from PyPI) against the running command and
 # query APIs, driven by their own /openapi.json, and fails on any 5xx, any response that
-# breaks its documented schema, or an undocumented content type.
+# breaks its documented schema, or an undocumented content type. Generated strings may hold
+# NUL and every other control character (path and query parameters included); the exhaustive
+# control-byte cases are in tests/tests/review_query.rs.
 #
 # Sets up what it needs: PostgreSQL, a scratch `ledger_schemathesis` database (migrated), an
 # API key with the write and read scopes (no rate limit for this run), both APIs on free
@@ -49,6 +51,8 @@ for addr in "$command_addr" "$query_addr"; do
     --checks not_a_server_error,response_schema_conformance,content_type_conformance \
     --header "Authorization: Bearer $key" \
     --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-25}" \
+    --generation-allow-x00 true \
+    --generation-codec utf-8 \
     --phases coverage,fuzzing \
     --seed 1 \
     --no-color || status=1

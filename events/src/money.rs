@@ -108,6 +108,11 @@ impl Amount {
         // A float: either an integer too large for u64 (serde_json falls back to f64), or a
         // fraction, or an exponent form. Huge magnitudes are overflow, the rest not integers.
         let value = number.as_f64().unwrap_or(f64::NAN);
+        // Zero however written (`-0`, which serde_json reads as the float -0.0, or `0.0`)
+        // is zero: not positive, like `0`.
+        if value == 0.0 {
+            return Err(AmountError::NotPositive("0".into()));
+        }
         if value.is_finite() && value.fract() == 0.0 && value.abs() >= 9.223_372_036_854_775e18 {
             if value < 0.0 {
                 return Err(AmountError::NotPositive(number.to_string()));
@@ -168,6 +173,10 @@ mod tests {
             ("18446744073709551616", "amount_overflow"),
             ("100000000000000000000000000", "amount_overflow"),
             ("-100000000000000000000000000", "amount_not_positive"),
+            ("-0", "amount_not_positive"),
+            ("-0.0", "amount_not_positive"),
+            ("0.0", "amount_not_positive"),
+            ("0e3", "amount_not_positive"),
             ("1.5", "amount_not_integer"),
             ("1e3", "amount_not_integer"),
         ];

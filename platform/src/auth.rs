@@ -402,13 +402,15 @@ pub async fn require(State(guard): State<Guard>, mut request: Request, next: Nex
     response
 }
 
+/// The key of `Authorization: Bearer <key>`. The scheme is case-insensitive (RFC 9110,
+/// section 11.1): `bearer` and `BEARER` are `Bearer`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(key.trim()).filter(|key| !key.is_empty())
 }
 
 fn unauthenticated(detail: &str) -> Response {
@@ -444,6 +446,32 @@ mod tests {
             "lk_0123456789a_0123456789abcdef0123456789abcdef0",
         ] {
             assert_eq!(prefix_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let key = "lk_0123456789ab_0123456789abcdef0123456789abcdef";
+        for value in [
+            format!("Bearer {key}"),
+            format!("bearer {key}"),
+            format!("BEARER {key}"),
+            format!("bEaReR   {key}"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer(&headers), Some(key), "{value}");
+        }
+        for value in [
+            "Basic abc",
+            "Bearer",
+            "Bearer ",
+            "Bearerx abc",
+            &format!("Token {key}"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer(&headers), None, "{value}");
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 /// What to do with an event, given the guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,4 +129,24 @@ pub async fn advance_many(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// The global position up to which `projection` has handled `aggregate_id` (0 when it has
+/// handled nothing of it): the read-your-writes watermark of that aggregate in that read
+/// model. It is committed with the model's rows, so a model that has reached a position
+/// holds every event of the aggregate up to it (dead-lettered ones excepted, which are
+/// handled too).
+pub async fn position_of(
+    pool: &PgPool,
+    projection: &str,
+    aggregate_id: &str,
+) -> Result<i64, sqlx::Error> {
+    let position: Option<i64> = sqlx::query_scalar(
+        "SELECT last_position FROM projection_guards WHERE projection = $1 AND aggregate_id = $2",
+    )
+    .bind(projection)
+    .bind(aggregate_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(position.unwrap_or(0))
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::{middleware, Router};
 use ledger_platform::auth::{self, Guard, Scope};
-use ledger_platform::http::{fallback, health, request_id, timeout};
+use ledger_platform::http::{control, fallback, health, request_id, timeout};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::domain::Transfer;
@@ -63,6 +63,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         ))
         .fallback(fallback::not_found)
         .method_not_allowed_fallback(fallback::method_not_allowed)
+        .layer(middleware::from_fn(control::layer))
+        .layer(middleware::from_fn(ledger_platform::http::limits::layer))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             limits.request_timeout,

@@ -6,10 +6,15 @@
 //! - [`health`]: `/healthz` and `/readyz`.
 //! - [`fallback`]: problem answers for unknown routes, wrong methods and panics.
 //! - [`timeout`]: a request-time limit answered as a problem.
+//! - [`control`]: control characters in the path or query refused with a problem.
+//! - [`limits`]: URI and header sizes refused with a problem (and what hyper refuses
+//!   itself, without one).
 
+pub mod control;
 pub mod extract;
 pub mod fallback;
 pub mod health;
+pub mod limits;
 pub mod problem;
 pub mod request_id;
 pub mod timeout;

@@ -14,7 +14,7 @@ use ledger_readmodels::statements::{self, StatementEntry};
 use ledger_readmodels::summaries::{self, AccountSummary};
 use serde::{Deserialize, Serialize};
 
-use super::consistency::{requested, wait_for};
+use super::consistency::{requested, wait_for, Model};
 use super::error::ApiError;
 use super::AppState;
 use ledger_platform::openapi::ProblemDetails;
@@ -76,8 +76,19 @@ fn query_problem(err: axum::extract::rejection::QueryRejection) -> ApiError {
     }
 }
 
+/// The summary's entity tag: its id and version, and a digest of what is answered, so a
+/// row whose content changes without a new event (a rebuild after a projection fix) gets a
+/// new tag and a client's cached copy is not confirmed by a 304 (ADR 0015).
 fn etag(summary: &AccountSummary) -> String {
-    format!("\"{}-{}\"", summary.account_id, summary.version)
+    use sha2::{Digest, Sha256};
+    let body = serde_json::to_vec(summary).unwrap_or_default();
+    let digest = Sha256::digest(&body);
+    format!(
+        "\"{}-{}-{}\"",
+        summary.account_id,
+        summary.version,
+        hex::encode(&digest[..8])
+    )
 }
 
 /// An account's balance and state.
@@ -97,7 +108,7 @@ pub async fn summary(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_problem)?;
     let position = requested(query.position.as_deref(), &headers)?;
-    wait_for(&state, &account_id, position).await?;
+    wait_for(&state, Model::Summary, &account_id, position).await?;
     let summary = load(&state, &account_id, position.unwrap_or(0)).await?;
     let tag = etag(&summary);
     let not_modified = headers
@@ -187,7 +198,7 @@ pub async fn statement(
     let after = parse_cursor(query.after.as_deref())?;
     let limit = parse_limit(query.limit.as_deref())?;
     let position = requested(query.position.as_deref(), &headers)?;
-    wait_for(&state, &account_id, position).await?;
+    wait_for(&state, Model::Statement, &account_id, position).await?;
     let entries = statements::page(&state.pool, &account_id, after, limit).await?;
     if entries.is_empty() && after == 0 {
         return Err(ApiError::AccountNotFound(account_id));

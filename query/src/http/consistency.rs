@@ -1,12 +1,18 @@
 //! Read your writes: a read may carry the `position` a command answered with (query
 //! parameter `position`, or header `Ledger-Position`), and is answered only once the read
-//! model of the account (or transfer) has reached it: event-driven (change notifications) with a slow
-//! poll as a fallback, bounded by `READ_WAIT_TIMEOUT`; then 412 with the current position.
+//! model it reads has reached it for the account (or transfer): event-driven (change
+//! notifications) with a slow poll as a fallback, bounded by `READ_WAIT_TIMEOUT`; then 412
+//! with the current position.
+//!
+//! Each read waits on its own model's watermark (the projection's guard of the aggregate,
+//! committed with the model's rows), never on another model's: after a rebuild, replay or
+//! dead-letter retry of one projection, the projections are at different positions (ADR
+//! 0015).
 
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use ledger_readmodels::{summaries, transfers};
+use ledger_readmodels::{guards, names};
 use tokio::time::Instant;
 
 use super::error::ApiError;
@@ -43,26 +49,34 @@ pub fn requested(param: Option<&str>, headers: &HeaderMap) -> Result<Option<i64>
 /// Which read model a wait is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Model {
-    /// An account's summary (statements and totals are written in the same transaction).
-    Account,
-    /// A transfer's row.
+    /// `account_summaries` (`GET /v1/accounts/{id}`).
+    Summary,
+    /// `account_statements` (`GET /v1/accounts/{id}/statement`).
+    Statement,
+    /// `owner_totals` (`GET /v1/owners/{owner}/totals`), waited on for one account.
+    OwnerTotals,
+    /// `transfers` (`GET /v1/transfers/{id}`).
     Transfer,
 }
 
-/// Waits until `account_id`'s read model has reached `position` (if any).
-pub async fn wait_for(
-    state: &AppState,
-    account_id: &str,
-    position: Option<i64>,
-) -> Result<(), ApiError> {
-    wait_for_model(state, Model::Account, account_id, position).await
+impl Model {
+    /// The projection that builds this model.
+    pub fn projection(self) -> &'static str {
+        match self {
+            Self::Summary => names::ACCOUNT_SUMMARY,
+            Self::Statement => names::ACCOUNT_STATEMENT,
+            Self::OwnerTotals => names::OWNER_TOTALS,
+            Self::Transfer => names::TRANSFERS,
+        }
+    }
 }
 
-/// Waits until the read model of aggregate `id` has reached `position` (if any).
-pub async fn wait_for_model(
+/// Waits until `model` has reached `position` (if any) for aggregate `id` (an account, or a
+/// transfer).
+pub async fn wait_for(
     state: &AppState,
     model: Model,
-    account_id: &str,
+    id: &str,
     position: Option<i64>,
 ) -> Result<(), ApiError> {
     let Some(position) = position else {
@@ -72,10 +86,7 @@ pub async fn wait_for_model(
     let mut changes = state.changes.subscribe();
     let deadline = Instant::now() + state.read_wait_timeout;
     loop {
-        let current = match model {
-            Model::Account => summaries::position_of(&state.pool, account_id).await?,
-            Model::Transfer => transfers::position_of(&state.pool, account_id).await?,
-        };
+        let current = guards::position_of(&state.pool, model.projection(), id).await?;
         if current >= position {
             return Ok(());
         }
@@ -88,7 +99,8 @@ pub async fn wait_for_model(
         let wake = async {
             loop {
                 match changes.recv().await {
-                    Ok(id) if &*id == account_id => return,
+                    // This aggregate, or everything (a rebuild swapped a model in).
+                    Ok(changed) if &*changed == id || &*changed == crate::changes::ALL => return,
                     Ok(_) => {}
                     // Missed some: check again.
                     Err(_) => return,

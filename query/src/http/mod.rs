@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::{middleware, Router};
 use ledger_platform::auth::{self, Guard, Scope};
-use ledger_platform::http::{fallback, health, request_id, timeout};
+use ledger_platform::http::{control, fallback, health, limits, request_id, timeout};
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -65,6 +65,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         }))
         .fallback(fallback::not_found)
         .method_not_allowed_fallback(fallback::method_not_allowed)
+        .layer(middleware::from_fn(control::layer))
+        .layer(middleware::from_fn(limits::layer))
         .layer(middleware::from_fn_with_state(
             request_timeout,
             timeout::layer,

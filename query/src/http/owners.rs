@@ -1,8 +1,8 @@
 //! `GET /v1/owners/{owner}/totals`: the cross-aggregate model.
 //!
 //! Read-your-writes here needs the account the write went to (`account` with `position`):
-//! an owner's totals are updated in the same transaction as that account's summary, so once
-//! the account has reached the position, so have the totals.
+//! the read waits until the `owner_totals` projection has handled that account up to the
+//! position (its guard, committed with the totals), whatever the other models have reached.
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -12,7 +12,7 @@ use ledger_platform::http::Path;
 use ledger_readmodels::owner_totals::{self, OwnerTotal};
 use serde::{Deserialize, Serialize};
 
-use super::consistency::{requested, wait_for};
+use super::consistency::{requested, wait_for, Model};
 use super::error::ApiError;
 use super::AppState;
 use ledger_platform::openapi::ProblemDetails;
@@ -68,7 +68,9 @@ pub async fn totals(
                 message: "a position on a cross-account read needs the account it came from".into(),
             })
         }
-        (position, Some(account)) => wait_for(&state, account, position).await?,
+        (position, Some(account)) => {
+            wait_for(&state, Model::OwnerTotals, account, position).await?
+        }
         (None, None) => {}
     }
     let totals = owner_totals::for_owner(&state.pool, &owner).await?;

@@ -12,7 +12,7 @@ use ledger_readmodels::transfers::{self, TransferRow};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::consistency::{requested, wait_for_model, Model};
+use super::consistency::{requested, wait_for, Model};
 use super::error::ApiError;
 use super::AppState;
 use ledger_platform::openapi::ProblemDetails;
@@ -113,7 +113,7 @@ pub async fn transfer(
     })?;
     let id = transfer_id.to_string();
     let position = requested(query.position.as_deref(), &headers)?;
-    wait_for_model(&state, Model::Transfer, &id, position).await?;
+    wait_for(&state, Model::Transfer, &id, position).await?;
     let row = transfers::get(&state.pool, &id)
         .await?
         .ok_or_else(|| ApiError::TransferNotFound(id.clone()))?;
