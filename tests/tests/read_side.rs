@@ -134,11 +134,19 @@ async fn a_position_the_read_model_has_not_reached_is_answered_412_with_the_curr
     let account = s.api.open_account().await;
     let answer = s.api.deposit(&account, 5).await;
     let reached = answer["position"].as_i64().unwrap();
-    let (status, _, _) = s
-        .query
-        .get(&format!("/v1/accounts/{account}?position={reached}"))
-        .await;
-    assert_eq!(status, 200);
+    // Reached once the deposit has gone through the relay, Kafka and the projector: on a
+    // loaded machine that can take longer than one read's own wait, so ask until it is.
+    eventually(DEADLINE, "read the deposit at its position", || {
+        let url = format!("/v1/accounts/{account}?position={reached}");
+        let query = &s.query;
+        async move {
+            match query.get(&url).await {
+                (200, _, _) => Ok(()),
+                (status, _, body) => Err(format!("{status} {body}")),
+            }
+        }
+    })
+    .await;
     let (status, headers, body) = s
         .query
         .get(&format!(
