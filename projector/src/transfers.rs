@@ -81,6 +81,36 @@ pub struct ProcessManager {
     /// Fault injection: abort after this many money-moving steps (0: never).
     crash_after_steps: u64,
     steps: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Fault injection: awaited before each command that would take a step found free.
+    step_gate: StepGate,
+}
+
+/// Fault injection for tests: a hook awaited with a step's id (`<transfer id>/debit`,
+/// `/credit`) after the step was looked up and found free, just before each command that
+/// would take it (for the debit: the debit itself, then, if the source refused, the
+/// failure). A test holds one process manager there while another takes the step: the
+/// race of two process managers (ADR 0008), made deterministic.
+#[derive(Clone, Default)]
+pub struct StepGate(
+    Option<std::sync::Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync>>,
+);
+
+impl std::fmt::Debug for StepGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "StepGate(set)"
+        } else {
+            "StepGate(none)"
+        })
+    }
+}
+
+impl StepGate {
+    async fn pass(&self, step: &str) {
+        if let Some(gate) = &self.0 {
+            gate(step.to_owned()).await;
+        }
+    }
 }
 
 impl ProcessManager {
@@ -106,7 +136,19 @@ impl ProcessManager {
             store_cursor,
             crash_after_steps,
             steps: std::sync::Arc::default(),
+            step_gate: StepGate::default(),
         }
+    }
+
+    /// The same process manager, awaiting `gate(step)` before each command that takes a
+    /// step it found free (fault injection for tests; see [`StepGate`]).
+    #[must_use]
+    pub fn with_step_gate(
+        mut self,
+        gate: impl Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Self {
+        self.step_gate = StepGate(Some(std::sync::Arc::new(gate)));
+        self
     }
 
     /// Reacts to every transfer event of `batch`: transfers concurrently, each transfer's
@@ -213,6 +255,7 @@ impl ProcessManager {
         let claim = match transfer_steps::find(&self.pool, &step).await? {
             Some(claim) => claim,
             None => {
+                self.step_gate.pass(&step).await;
                 let sent = self
                     .accounts
                     .execute(Intent {
@@ -233,6 +276,7 @@ impl ProcessManager {
                     }
                     Err(LedgerError::StepTaken(claim)) => *claim,
                     Err(LedgerError::Rejected(refusal)) => {
+                        self.step_gate.pass(&step).await;
                         let failed = self
                             .transfers
                             .execute(Intent {
@@ -250,6 +294,26 @@ impl ProcessManager {
                                 return Ok(());
                             }
                             Err(LedgerError::StepTaken(claim)) => *claim,
+                            // The transfer is past `requested`: another reaction took the
+                            // debit step after the lookup above and told the transfer (its
+                            // debit took the money this one was refused for, its settled
+                            // transfer let the source close, or the money came after the
+                            // refusal). A lost race, not a poison event: carry on from the
+                            // winner's event, as from `StepTaken`.
+                            Err(LedgerError::Rejected(refused)) => {
+                                match transfer_steps::find(&self.pool, &step).await? {
+                                    Some(claim) => {
+                                        tracing::info!(
+                                            %refusal,
+                                            %refused,
+                                            taken_by = %claim.event_type,
+                                            "debit step taken by another reaction meanwhile"
+                                        );
+                                        claim
+                                    }
+                                    None => return Err(ReactionError::Poison(refused.to_string())),
+                                }
+                            }
                             Err(other) => return Err(other.into()),
                         }
                     }
@@ -278,6 +342,7 @@ impl ProcessManager {
         let claim = match transfer_steps::find(&self.pool, &step).await? {
             Some(claim) => claim,
             None => {
+                self.step_gate.pass(&step).await;
                 let received = self
                     .accounts
                     .execute(Intent {
