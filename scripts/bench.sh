@@ -5,7 +5,7 @@
 # Usage: scripts/bench.sh relay [--accounts N] [--events-per-account N] [--partitions N]
 #        scripts/bench.sh rebuild [--accounts N] [--events-per-account N] [--projection P]
 #        scripts/bench.sh commands [--accounts N] [--seconds N]
-#        scripts/bench.sh visible [--accounts N] [--rate N] [--seconds N] [--from-store | --compare]
+#        scripts/bench.sh visible [--accounts N] [--rate N] [--seconds N] [--from-store | --compare] [--linger 5ms]
 #        scripts/bench.sh rejoin [--rounds N]
 #        scripts/bench.sh reads [--accounts N] [--seconds N] [--connections N]
 set -euo pipefail

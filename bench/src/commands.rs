@@ -7,7 +7,9 @@
 //! - peer: plain cqrs-es + postgres-es, the same aggregate through `CqrsFramework::execute`
 //!   in process (no HTTP, no batching, no cache, no retries);
 //! - hot account: 32 clients depositing into one account: successes/s, 409s, version-conflict
-//!   retries (from the process's `/metrics`), lost updates (must be 0).
+//!   retries (from the process's `/metrics`), lost updates (must be 0);
+//! - overload: deposits offered open-loop at 4x the 32-client rate: accepted/s with p50 and
+//!   p99, refusals (503 with `Retry-After`), the process's resident memory before and after.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -318,6 +320,108 @@ pub async fn commands(accounts: usize, seconds: u64) {
     println!(
         "hot account: {deposits} deposits and {withdrawals} withdrawals accepted, {refused} refused (insufficient funds), {conflicted} answered 409, {retries:.0} version-conflict retries; lost updates {lost}; lowest balance {lowest} (overdraft if < 0); accepted / 1-client rate = {:.2}",
         run.rate() / table[0].3
+    );
+
+    let sustainable = table.last().map_or(1.0, |row| row.3);
+    let pid = command
+        .process
+        .child
+        .id()
+        .expect("ledger-command is running");
+    overload(&base, &ids, pid, 4.0 * sustainable, seconds).await;
+}
+
+/// The resident memory of process `pid`, in MiB (Linux).
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Overload: deposits offered open-loop at `rate` per second (4x what 32 clients
+/// sustained) for `seconds`, each request sent on its schedule whether or not earlier ones
+/// were answered. Reports what was really offered (the generator shares the 2 cores), the
+/// accepted commands with their p50 and p99, the refusals (503 with `Retry-After`), and
+/// the command API's resident memory before, right after, and 5 s after.
+async fn overload(base: &str, ids: &Arc<Vec<Uuid>>, pid: u32, rate: f64, seconds: u64) {
+    // Connections are kept for reuse up to the in-flight cap, so the generator does not
+    // churn through ports.
+    const IN_FLIGHT_MAX: usize = 2048;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(IN_FLIGHT_MAX)
+        .build()
+        .unwrap();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
+    let mut not_sent = 0u64;
+    let rss_before = rss_mib(pid);
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
+    let counts = Arc::new([(); 4].map(|()| std::sync::atomic::AtomicU64::new(0)));
+    // 1 ms ticks; each tick sends what the schedule owes by then.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut tasks = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let owed = (started.elapsed().as_secs_f64() * rate) as u64;
+        while sent + not_sent < owed {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                // The generator's own cap: counted apart, never sent.
+                not_sent += 1;
+                continue;
+            };
+            let id = ids[(sent as usize).wrapping_mul(7919) % ids.len()];
+            let (client, url) = (client.clone(), format!("{base}/v1/accounts/{id}/deposits"));
+            let (accepted, counts) = (accepted.clone(), counts.clone());
+            tasks.push(tokio::spawn(async move {
+                let at = Instant::now();
+                let response = client
+                    .post(url)
+                    .json(&json!({"amount": 1, "currency": "EUR"}))
+                    .send()
+                    .await;
+                let slot = match response {
+                    Ok(r) if r.status().is_success() => {
+                        accepted.lock().unwrap().push(at.elapsed());
+                        0
+                    }
+                    Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => 1,
+                    Ok(_) => 2,
+                    Err(_) => 3,
+                };
+                counts[slot].fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+            }));
+            sent += 1;
+        }
+    }
+    let offered_seconds = started.elapsed().as_secs_f64();
+    join_all(tasks).await;
+    let rss_after = rss_mib(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_later = rss_mib(pid);
+    let accepted = accepted.lock().unwrap().clone();
+    let [ok, refused, other, failed] = [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed));
+    println!(
+        "overload: target {rate:.0}/s offered open-loop, really offered {:.0}/s for {offered_seconds:.1} s ({sent} requests; {not_sent} not sent, {IN_FLIGHT_MAX} already in flight)",
+        sent as f64 / offered_seconds
+    );
+    println!(
+        "overload: accepted {:.0}/s ({ok}), p50 {:.2} ms, p99 {:.2} ms; refused 503 with Retry-After {refused}; other answers {other}; transport errors {failed}",
+        ok as f64 / offered_seconds,
+        percentile(&accepted, 0.5),
+        percentile(&accepted, 0.99),
+    );
+    println!(
+        "overload: ledger-command RSS {rss_before:.1} MiB before, {rss_after:.1} MiB right after, {rss_later:.1} MiB 5 s later"
     );
 }
 

@@ -91,6 +91,9 @@ enum Bench {
         /// what the broker hop adds.
         #[arg(long, conflicts_with = "from_store")]
         compare: bool,
+        /// The projector's `PROJECTOR_BATCH_LINGER` (Kafka source), e.g. `5ms`.
+        #[arg(long, default_value = "0ms")]
+        linger: String,
     },
     /// A projector killed with SIGKILL and restarted: seconds until it has its partitions
     /// back and applies new events, with dynamic and with static group membership.
@@ -126,12 +129,14 @@ async fn main() {
             seconds,
             from_store,
             compare,
+            linger,
         } => {
             if compare {
-                let (store_p50, store_p99) = pipeline::visible(accounts, rate, seconds, true).await;
+                let (store_p50, store_p99) =
+                    pipeline::visible(accounts, rate, seconds, true, &linger).await;
                 println!();
                 let (broker_p50, broker_p99) =
-                    pipeline::visible(accounts, rate, seconds, false).await;
+                    pipeline::visible(accounts, rate, seconds, false, &linger).await;
                 println!();
                 println!(
                     "the broker hop adds {:.2} ms at p50 and {:.2} ms at p99",
@@ -139,7 +144,7 @@ async fn main() {
                     broker_p99 - store_p99
                 );
             } else {
-                pipeline::visible(accounts, rate, seconds, from_store).await;
+                pipeline::visible(accounts, rate, seconds, from_store, &linger).await;
             }
         }
         Bench::Rejoin { rounds } => pipeline::rejoin(rounds).await,

@@ -23,7 +23,13 @@ use crate::commands::{percentile, seed};
 
 /// Item 3: command to visible in the query API under a steady `rate` commands/s. Returns
 /// p50 and p99 of command-to-visible, in ms.
-pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (f64, f64) {
+pub async fn visible(
+    accounts: usize,
+    rate: u64,
+    seconds: u64,
+    store: bool,
+    linger: &str,
+) -> (f64, f64) {
     let url = migrated_database().await;
     let ids = Arc::new(seed(&url, accounts).await);
     let broker = Broker::shared().await;
@@ -32,7 +38,12 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (
     // The projector follows the broker (the design), or the store's log (`--from-store`,
     // to tell the broker's share of the latency from the projector's).
     let source = (!store).then_some(broker.address.as_str());
-    let _projector = Projector::start(&url, source, &open).await;
+    let projector_env = [
+        ("AUTH_MODE", "disabled"),
+        ("RUST_LOG", "warn"),
+        ("PROJECTOR_BATCH_LINGER", linger),
+    ];
+    let _projector = Projector::start(&url, source, &projector_env).await;
     let query = QueryApi::start(
         &url,
         &[
@@ -91,7 +102,11 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (
                     .send()
                     .await;
                 if read.is_ok_and(|r| r.status().is_success()) {
-                    samples.lock().await.push((acknowledged, sent.elapsed()));
+                    let second = sent.duration_since(started).as_secs();
+                    samples
+                        .lock()
+                        .await
+                        .push((acknowledged, sent.elapsed(), second));
                 } else {
                     failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -106,9 +121,9 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (
     println!(
         "accounts: {accounts}; target rate {rate} commands/s for {seconds} s; projector reads {}",
         if store {
-            "the store's log"
+            "the store's log".to_owned()
         } else {
-            "the broker"
+            format!("the broker (batch linger {linger})")
         }
     );
     println!(
@@ -127,6 +142,26 @@ pub async fn visible(accounts: usize, rate: u64, seconds: u64, store: bool) -> (
         percentile(&visible, 0.5),
         percentile(&visible, 0.99),
         percentile(&visible, 1.0)
+    );
+    // Lag over time: whether the read side keeps up (flat) or falls behind (growing).
+    let by_second: Vec<String> = (0..seconds)
+        .map(|second| {
+            let of_second: Vec<Duration> = samples
+                .iter()
+                .filter(|s| s.2 == second)
+                .map(|s| s.1)
+                .collect();
+            format!(
+                "{}s p50 {:.0} / p99 {:.0}",
+                second + 1,
+                percentile(&of_second, 0.5),
+                percentile(&of_second, 0.99)
+            )
+        })
+        .collect();
+    println!(
+        "command to visible per second sent, ms: {}",
+        by_second.join("; ")
     );
     drop(broker);
     (percentile(&visible, 0.5), percentile(&visible, 0.99))

@@ -60,6 +60,12 @@ pub struct Settings {
     #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub batch_size: i64,
 
+    /// How long a Kafka worker waits after a batch's first message for more before it
+    /// applies the batch (0: apply what is queued at once; batches still grow under load,
+    /// because messages queue while the previous batch is applied).
+    #[arg(long, env = "PROJECTOR_BATCH_LINGER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub batch_linger: Duration,
+
     /// Reading the store directly: idle polling besides commit notifications.
     #[arg(long, env = "PROJECTOR_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,

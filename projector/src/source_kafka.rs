@@ -73,6 +73,7 @@ pub async fn run<H: BatchHandler>(
         handles.push(tokio::spawn(work(
             rx,
             batch_size,
+            settings.batch_linger,
             applier.clone(),
             consumer.clone(),
             settings.kafka_topic.clone(),
@@ -237,12 +238,40 @@ fn group_progress(consumer: &StreamConsumer, topic: &str) -> Option<GroupProgres
     })
 }
 
+/// Adds to `batch` (which holds the message that started it) what is queued, up to
+/// `batch_size`; with a `linger`, waits up to that long after the first message for more,
+/// so that light load is still applied at once (linger 0, the default) or in fewer, larger
+/// batches (`PROJECTOR_BATCH_LINGER`). Under load the queue fills while the previous batch
+/// is applied, so batches grow with the load either way.
+async fn fill<T>(
+    rx: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    batch_size: usize,
+    linger: Duration,
+) {
+    let until = tokio::time::Instant::now() + linger;
+    while batch.len() < batch_size {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(mpsc::error::TryRecvError::Empty) if !linger.is_zero() => {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(next)) => batch.push(next),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 /// A worker: applies its partitions' messages in batches, storing offsets after commits.
 /// A batch that fails is retried with backoff until it commits or `stop` turns true; then
 /// the worker leaves it uncommitted (its offsets not stored, so it is delivered again).
+#[allow(clippy::too_many_arguments)]
 async fn work<H: BatchHandler>(
     mut rx: mpsc::Receiver<Incoming>,
     batch_size: usize,
+    linger: Duration,
     applier: H,
     consumer: Arc<StreamConsumer>,
     topic: String,
@@ -253,12 +282,7 @@ async fn work<H: BatchHandler>(
     while let Some(first) = rx.recv().await {
         batch.clear();
         batch.push(first);
-        while batch.len() < batch_size {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+        fill(&mut rx, &mut batch, batch_size, linger).await;
         let mut backoff = Duration::from_millis(100);
         loop {
             match applier.handle(&batch).await {
@@ -343,5 +367,59 @@ pub fn incoming(partition: i32, offset: i64, headers: &[(&str, &[u8])], value: &
                 value: Some(String::from_utf8_lossy(value).into_owned()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod batching_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_linger_a_batch_is_what_is_queued() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(2).await.unwrap();
+        tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                tx.send(3).await.unwrap();
+            }
+        });
+        let mut batch = vec![1];
+        fill(&mut rx, &mut batch, 10, Duration::ZERO).await;
+        assert_eq!(batch, vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_linger_waits_for_more_up_to_its_end_or_a_full_batch() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            for (at, n) in [(2, 2), (4, 3), (20, 4)] {
+                tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(at))
+                    .await;
+                tx.send(n).await.unwrap();
+            }
+        });
+        let start = tokio::time::Instant::now();
+        let mut batch = vec![1];
+        fill(&mut rx, &mut batch, 10, Duration::from_millis(10)).await;
+        assert_eq!(
+            batch,
+            vec![1, 2, 3],
+            "the message after the linger waits for the next batch"
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(2).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut batch = vec![1];
+        fill(&mut rx, &mut batch, 2, Duration::from_secs(60)).await;
+        assert_eq!(batch, vec![1, 2]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a full batch does not linger"
+        );
     }
 }
