@@ -331,7 +331,9 @@ pub async fn commands(accounts: usize, seconds: u64) {
         .child
         .id()
         .expect("ledger-command is running");
-    println!("overload: COMMAND_QUEUE_MAX={queue_max}; two rounds, to tell retained memory from growth");
+    println!(
+        "overload: COMMAND_QUEUE_MAX={queue_max}; two rounds, to tell retained memory from growth"
+    );
     for round in 1..=2 {
         println!("overload round {round}:");
         overload(&base, &ids, pid, 4.0 * sustainable, seconds).await;
