@@ -95,6 +95,19 @@ enum Bench {
         #[arg(long, default_value = "0ms")]
         linger: String,
     },
+    /// Transfers requested open-loop at a steady rate: all reach a terminal state? Request
+    /// to terminal state p50/p99 (store clock), money conserved.
+    Transfers {
+        /// Funded accounts the transfers move money between.
+        #[arg(long, default_value_t = 1_000)]
+        accounts: usize,
+        /// Transfers requested per second, open loop.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// A projector killed with SIGKILL and restarted: seconds until it has its partitions
     /// back and applies new events, with dynamic and with static group membership.
     Rejoin {
@@ -118,6 +131,7 @@ enum Bench {
 
 mod commands;
 mod pipeline;
+mod transfers;
 
 #[tokio::main]
 async fn main() {
@@ -148,6 +162,11 @@ async fn main() {
             }
         }
         Bench::Rejoin { rounds } => pipeline::rejoin(rounds).await,
+        Bench::Transfers {
+            accounts,
+            rate,
+            seconds,
+        } => transfers::transfers(accounts, rate, seconds).await,
         Bench::Reads {
             accounts,
             seconds,
