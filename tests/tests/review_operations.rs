@@ -329,12 +329,17 @@ async fn a_dry_run_under_load_reports_no_difference_and_streams_the_ones_there_a
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(writers.await.unwrap() > 0);
 
+    // The projector applies one event per batch: let it reach the head before a row is
+    // corrupted, or the seeded account's row may not exist yet (nothing to corrupt).
+    ledger_e2e::services::wait_until_projected(&url, DEADLINE).await;
     let mut conn = PgConnection::connect(&url).await.unwrap();
-    sqlx::query("UPDATE account_summaries SET balance = balance + 1 WHERE account_id = $1")
-        .bind(&seeded[3])
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let corrupted =
+        sqlx::query("UPDATE account_summaries SET balance = balance + 1 WHERE account_id = $1")
+            .bind(&seeded[3])
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(corrupted.rows_affected(), 1, "the row to corrupt exists");
     let file = tempfile::NamedTempFile::new().unwrap();
     let path = file.path().to_str().unwrap();
     let dry = admin(
