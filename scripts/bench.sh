@@ -7,7 +7,7 @@
 #        scripts/bench.sh commands [--accounts N] [--seconds N]
 #        scripts/bench.sh visible [--accounts N] [--rate N] [--seconds N] [--from-store | --compare] [--linger 5ms]
 #        scripts/bench.sh rejoin [--rounds N]
-#        scripts/bench.sh transfers [--accounts N] [--rate N] [--seconds N]
+#        scripts/bench.sh transfers [--accounts N] [--rate N] [--seconds N] [--concurrency N]
 #        scripts/bench.sh reads [--accounts N] [--seconds N] [--connections N]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -107,6 +107,9 @@ enum Bench {
         /// Seconds of load.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// The process manager's `TRANSFERS_CONCURRENCY`.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
     },
     /// A projector killed with SIGKILL and restarted: seconds until it has its partitions
     /// back and applies new events, with dynamic and with static group membership.
@@ -166,7 +169,8 @@ async fn main() {
             accounts,
             rate,
             seconds,
-        } => transfers::transfers(accounts, rate, seconds).await,
+            concurrency,
+        } => transfers::transfers(accounts, rate, seconds, concurrency).await,
         Bench::Reads {
             accounts,
             seconds,

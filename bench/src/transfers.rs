@@ -21,13 +21,19 @@ use crate::commands::seed;
 
 /// Requests `rate` transfers per second for `seconds` between `accounts` funded accounts,
 /// waits until every one is terminal (or `deadline`), and reports.
-pub async fn transfers(accounts: usize, rate: u64, seconds: u64) {
+pub async fn transfers(accounts: usize, rate: u64, seconds: u64, concurrency: u32) {
     let url = migrated_database().await;
     let ids = Arc::new(seed(&url, accounts).await);
     let broker = Broker::shared().await;
     let open = [("AUTH_MODE", "disabled"), ("RUST_LOG", "warn")];
     let _relay = Relay::start(&url, &broker.address, &open).await;
-    let _projector = Projector::start(&url, Some(&broker.address), &open).await;
+    let concurrency = concurrency.to_string();
+    let projector_env = [
+        ("AUTH_MODE", "disabled"),
+        ("RUST_LOG", "warn"),
+        ("TRANSFERS_CONCURRENCY", concurrency.as_str()),
+    ];
+    let _projector = Projector::start(&url, Some(&broker.address), &projector_env).await;
     let command = CommandApi::start_with(&url, &open).await;
     let pool = PgPool::connect(&url).await.unwrap();
 
@@ -72,7 +78,7 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64) {
     futures::future::join_all(tasks).await;
     let accepted = accepted.load(Ordering::Relaxed);
     println!(
-        "accounts: {accounts}; target rate {rate} transfers/s for {seconds} s; sent {n} in {sent_for:.1} s ({:.0}/s); {accepted} accepted (202), {} not",
+        "accounts: {accounts}; TRANSFERS_CONCURRENCY {concurrency}; target rate {rate} transfers/s for {seconds} s; sent {n} in {sent_for:.1} s ({:.0}/s); {accepted} accepted (202), {} not",
         n as f64 / sent_for,
         refused.load(Ordering::Relaxed)
     );
@@ -120,6 +126,41 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64) {
         .unwrap();
     println!(
         "request to terminal state (store clock): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; {completed} completed, {failed} failed, {compensated} compensated"
+    );
+    // Where the time goes: request to debited (first reaction), and the terminal events
+    // recorded per second of the run (a late start shows as leading zeros).
+    let (to_debited_p50, to_debited_p99): (f64, f64) = sqlx::query_as(
+        "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0)::float8,
+                coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0)::float8
+           FROM (SELECT extract(epoch FROM d.recorded_at - r.recorded_at) * 1000 AS ms
+                   FROM events r
+                   JOIN events d ON d.aggregate_type = 'transfer' AND d.aggregate_id = r.aggregate_id
+                    AND d.event_type = 'TransferDebited'
+                  WHERE r.aggregate_type = 'transfer' AND r.event_type = 'TransferRequested') x",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!("request to debited: p50 {to_debited_p50:.1} ms, p99 {to_debited_p99:.1} ms");
+    let per_second: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "WITH start AS (SELECT min(recorded_at) AS t FROM events WHERE event_type = 'TransferRequested')
+         SELECT floor(extract(epoch FROM e.recorded_at - start.t))::bigint AS second,
+                count(*) FILTER (WHERE e.event_type = 'TransferRequested'),
+                count(*) FILTER (WHERE e.event_type IN ('TransferCompleted', 'TransferFailed', 'TransferCompensated'))
+           FROM events e, start
+          WHERE e.aggregate_type = 'transfer'
+          GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    println!(
+        "per second (store clock), requested / terminal: {}",
+        per_second
+            .iter()
+            .map(|(second, requested, terminal)| format!("{second}s {requested}/{terminal}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
     // Money is conserved: the seeded balances plus nothing (transfers only move money).
     let (sum, expected): (i64, i64) = sqlx::query_as(

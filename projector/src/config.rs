@@ -84,7 +84,7 @@ pub struct Settings {
     pub transfers_group_id: String,
 
     /// How many transfers the process manager moves forward at once.
-    #[arg(long, env = "TRANSFERS_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, env = "TRANSFERS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub transfers_concurrency: u32,
 
     /// A transfer whose latest event in the store is older than this and not terminal
