@@ -42,7 +42,10 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64, concurrency: u3
         .build()
         .unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
     // Ticks of 10 ms, rate / 100 requests each: open loop.
     let per_tick = (rate / 100).max(1);
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
@@ -66,11 +69,19 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64, concurrency: u3
                     .json(&json!({"from": from, "to": to, "amount": 1, "currency": "EUR"}))
                     .send()
                     .await;
-                if answer.is_ok_and(|r| r.status() == 202) {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
+                let refusal = match answer {
+                    Ok(r) if r.status() == 202 => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        format!("{status} {}", body["code"].as_str().unwrap_or(""))
+                    }
+                    Err(err) => format!("transport: {err}"),
+                };
+                *refused.lock().unwrap().entry(refusal).or_default() += 1;
             }));
         }
     }
@@ -78,9 +89,9 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64, concurrency: u3
     futures::future::join_all(tasks).await;
     let accepted = accepted.load(Ordering::Relaxed);
     println!(
-        "accounts: {accounts}; TRANSFERS_CONCURRENCY {concurrency}; target rate {rate} transfers/s for {seconds} s; sent {n} in {sent_for:.1} s ({:.0}/s); {accepted} accepted (202), {} not",
+        "accounts: {accounts}; TRANSFERS_CONCURRENCY {concurrency}; target rate {rate} transfers/s for {seconds} s; sent {n} in {sent_for:.1} s ({:.0}/s); {accepted} accepted (202); not accepted: {:?}",
         n as f64 / sent_for,
-        refused.load(Ordering::Relaxed)
+        refused.lock().unwrap()
     );
 
     // Every accepted transfer must end; wait for it with a deadline.
