@@ -62,59 +62,47 @@ pub async fn visible(
         .unwrap();
     let samples = Arc::new(Mutex::new(Vec::new()));
     let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // Ticks of 10 ms, rate / 100 commands each: open loop, the rate does not bend to latency.
-    let per_tick = (rate / 100).max(1);
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    let mut n = 0usize;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        ticker.tick().await;
-        for _ in 0..per_tick {
-            n += 1;
-            let id = ids[n.wrapping_mul(7919) % ids.len()];
-            let (client, command, query) =
-                (client.clone(), command.base.clone(), query.base.clone());
-            let (samples, failures) = (samples.clone(), failures.clone());
-            tasks.push(tokio::spawn(async move {
-                let sent = Instant::now();
-                let answer = client
-                    .post(format!("{command}/v1/accounts/{id}/deposits"))
-                    .json(&json!({"amount": 1, "currency": "EUR"}))
-                    .send()
-                    .await;
-                let position = match answer {
-                    Ok(r) if r.status().is_success() => r
-                        .json::<Value>()
-                        .await
-                        .ok()
-                        .and_then(|body| body["position"].as_i64()),
-                    _ => None,
-                };
-                let acknowledged = sent.elapsed();
-                let Some(position) = position else {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
-                };
-                let read = client
-                    .get(format!("{query}/v1/accounts/{id}?position={position}"))
-                    .send()
-                    .await;
-                if read.is_ok_and(|r| r.status().is_success()) {
-                    let second = sent.duration_since(started).as_secs();
-                    samples
-                        .lock()
-                        .await
-                        .push((acknowledged, sent.elapsed(), second));
-                } else {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }));
+    let (n, sent_for) = open_loop(rate, seconds, |n| {
+        let id = ids[n.wrapping_mul(7919) % ids.len()];
+        let (client, command, query) = (client.clone(), command.base.clone(), query.base.clone());
+        let (samples, failures) = (samples.clone(), failures.clone());
+        async move {
+            let sent = Instant::now();
+            let answer = client
+                .post(format!("{command}/v1/accounts/{id}/deposits"))
+                .json(&json!({"amount": 1, "currency": "EUR"}))
+                .send()
+                .await;
+            let position = match answer {
+                Ok(r) if r.status().is_success() => r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|body| body["position"].as_i64()),
+                _ => None,
+            };
+            let acknowledged = sent.elapsed();
+            let Some(position) = position else {
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            };
+            let read = client
+                .get(format!("{query}/v1/accounts/{id}?position={position}"))
+                .send()
+                .await;
+            if read.is_ok_and(|r| r.status().is_success()) {
+                let second = sent.duration_since(started).as_secs();
+                samples
+                    .lock()
+                    .await
+                    .push((acknowledged, sent.elapsed(), second));
+            } else {
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
-    }
-    let sent_for = started.elapsed().as_secs_f64();
-    futures::future::join_all(tasks).await;
+    })
+    .await;
     let samples = samples.lock().await;
     let acknowledged: Vec<Duration> = samples.iter().map(|s| s.0).collect();
     let visible: Vec<Duration> = samples.iter().map(|s| s.1).collect();
@@ -360,4 +348,31 @@ fn millis(text: &str) -> Option<f64> {
         "s" => Some(number * 1000.0),
         _ => None,
     }
+}
+
+/// Sends open-loop at `rate` per second for `seconds`: every 10 ms a tick starts
+/// `rate / 100` calls of `send(n)` (n counting from 1) as tasks, whether or not earlier ones
+/// were answered, so the rate does not bend to latency. Waits for every task; returns how
+/// many were sent and how long sending took, in seconds.
+pub async fn open_loop<F, Fut>(rate: u64, seconds: u64, mut send: F) -> (usize, f64)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let per_tick = (rate / 100).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let mut n = 0usize;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        for _ in 0..per_tick {
+            n += 1;
+            tasks.push(tokio::spawn(send(n)));
+        }
+    }
+    let sent_for = started.elapsed().as_secs_f64();
+    futures::future::join_all(tasks).await;
+    (n, sent_for)
 }

@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::commands::seed;
+use crate::pipeline::open_loop;
 
 /// Requests `rate` transfers per second for `seconds` between `accounts` funded accounts,
 /// waits until every one is terminal (or `deadline`), and reports.
@@ -46,47 +47,35 @@ pub async fn transfers(accounts: usize, rate: u64, seconds: u64, concurrency: u3
         String,
         u64,
     >::new()));
-    // Ticks of 10 ms, rate / 100 requests each: open loop.
-    let per_tick = (rate / 100).max(1);
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    let mut n = 0usize;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        ticker.tick().await;
-        for _ in 0..per_tick {
-            n += 1;
-            // Pairs walk the accounts so that no account is in every transfer.
-            let from = ids[n.wrapping_mul(7919) % ids.len()];
-            let to = ids[(n.wrapping_mul(7919) + 1) % ids.len()];
-            let (client, base) = (client.clone(), command.base.clone());
-            let (accepted, refused) = (accepted.clone(), refused.clone());
-            tasks.push(tokio::spawn(async move {
-                let answer = client
-                    .post(format!("{base}/v1/transfers"))
-                    .header("Idempotency-Key", Uuid::new_v4().to_string())
-                    .json(&json!({"from": from, "to": to, "amount": 1, "currency": "EUR"}))
-                    .send()
-                    .await;
-                let refusal = match answer {
-                    Ok(r) if r.status() == 202 => {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let body: serde_json::Value = r.json().await.unwrap_or_default();
-                        format!("{status} {}", body["code"].as_str().unwrap_or(""))
-                    }
-                    Err(err) => format!("transport: {err}"),
-                };
-                *refused.lock().unwrap().entry(refusal).or_default() += 1;
-            }));
+    let (n, sent_for) = open_loop(rate, seconds, |n| {
+        // Pairs walk the accounts so that no account is in every transfer.
+        let from = ids[n.wrapping_mul(7919) % ids.len()];
+        let to = ids[(n.wrapping_mul(7919) + 1) % ids.len()];
+        let (client, base) = (client.clone(), command.base.clone());
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        async move {
+            let answer = client
+                .post(format!("{base}/v1/transfers"))
+                .header("Idempotency-Key", Uuid::new_v4().to_string())
+                .json(&json!({"from": from, "to": to, "amount": 1, "currency": "EUR"}))
+                .send()
+                .await;
+            let refusal = match answer {
+                Ok(r) if r.status() == 202 => {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    format!("{status} {}", body["code"].as_str().unwrap_or(""))
+                }
+                Err(err) => format!("transport: {err}"),
+            };
+            *refused.lock().unwrap().entry(refusal).or_default() += 1;
         }
-    }
-    let sent_for = started.elapsed().as_secs_f64();
-    futures::future::join_all(tasks).await;
+    })
+    .await;
     let accepted = accepted.load(Ordering::Relaxed);
     println!(
         "accounts: {accounts}; TRANSFERS_CONCURRENCY {concurrency}; target rate {rate} transfers/s for {seconds} s; sent {n} in {sent_for:.1} s ({:.0}/s); {accepted} accepted (202); not accepted: {:?}",

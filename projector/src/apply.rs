@@ -147,7 +147,8 @@ impl Applier {
     /// Applies `batch` in one transaction.
     pub async fn apply_batch(&self, batch: &[Incoming]) -> Result<Applied, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let batch = &checked_against_store(&mut tx, batch).await?;
+        let checked = checked_against_store(&mut tx, batch).await?;
+        let batch: &[Incoming] = &checked;
         let mut outcome = Applied::default();
         let mut events = Vec::with_capacity(batch.len());
         let mut newest: Option<(i64, DateTime<Utc>)> = None;
@@ -241,10 +242,10 @@ impl Applier {
 /// only ever repaired up to an event the store holds, and a guard never moves past the
 /// aggregate's real events. Events read from the store pass as they are. One statement
 /// per batch, none when nothing came from Kafka.
-pub async fn checked_against_store(
+pub async fn checked_against_store<'a>(
     conn: &mut PgConnection,
-    batch: &[Incoming],
-) -> Result<Vec<Incoming>, sqlx::Error> {
+    batch: &'a [Incoming],
+) -> Result<std::borrow::Cow<'a, [Incoming]>, sqlx::Error> {
     let ids: Vec<uuid::Uuid> = batch
         .iter()
         .filter_map(|item| match item {
@@ -256,7 +257,7 @@ pub async fn checked_against_store(
         })
         .collect();
     if ids.is_empty() {
-        return Ok(batch.to_vec());
+        return Ok(std::borrow::Cow::Borrowed(batch));
     }
     let stored: std::collections::HashMap<uuid::Uuid, RecordedEvent> =
         ledger_store::events_by_ids(conn, &ids)
@@ -320,7 +321,8 @@ pub async fn checked_against_store(
             },
             other => other.clone(),
         })
-        .collect())
+        .collect::<Vec<_>>()
+        .into())
 }
 
 /// Whether PostgreSQL refused a value the events brought (a data exception such as a numeric

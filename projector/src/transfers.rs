@@ -159,7 +159,7 @@ impl ProcessManager {
         // Reacts to the store's copies only (ADR 0016).
         let checked =
             crate::apply::checked_against_store(&mut *self.pool.acquire().await?, batch).await?;
-        let batch = checked.as_slice();
+        let batch: &[Incoming] = &checked;
         let mut by_transfer: BTreeMap<String, Vec<RecordedEvent>> = BTreeMap::new();
         for item in batch {
             if let Incoming::Event { event, .. } = item {

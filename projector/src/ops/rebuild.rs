@@ -425,13 +425,42 @@ async fn save_cursor(
     .await
 }
 
+/// Applies to the shadow in `schema`, inside `tx` (which holds the guards lock), what
+/// committed after `cursor`. Used by the swap and the dry run, so both swap or compare a
+/// shadow that is at the store's head.
+async fn catch_up_shadow(
+    pool: &PgPool,
+    tx: &mut PgConnection,
+    projection: &str,
+    schema: &str,
+    mut cursor: LogCursor,
+    report: &mut Report,
+) -> Result<(), sqlx::Error> {
+    use_schema(tx, schema).await?;
+    loop {
+        let batch = ledger_store::read_after(pool, cursor, 1000).await?;
+        let Some(last) = batch.last().map(|e| e.cursor) else {
+            break;
+        };
+        let applied = apply_batch(tx, projection, &batch).await?;
+        save_cursor(tx, projection, last, applied).await?;
+        cursor = last;
+        report.progress.events += applied;
+        report.progress.position = cursor.global_position;
+    }
+    sqlx::query("SET LOCAL search_path TO public")
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// The atomic swap (see the module documentation).
 async fn swap(
     pool: &PgPool,
     projection: &str,
     tables: &[&str],
     schema: &str,
-    mut cursor: LogCursor,
+    cursor: LogCursor,
     report: &mut Report,
 ) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
@@ -451,21 +480,7 @@ async fn swap(
     .execute(&mut *tx)
     .await?;
     // What committed since the last batch, applied under the lock.
-    use_schema(&mut tx, schema).await?;
-    loop {
-        let batch = ledger_store::read_after(pool, cursor, 1000).await?;
-        let Some(last) = batch.last().map(|e| e.cursor) else {
-            break;
-        };
-        let applied = apply_batch(&mut tx, projection, &batch).await?;
-        save_cursor(&mut tx, projection, last, applied).await?;
-        cursor = last;
-        report.progress.events += applied;
-        report.progress.position = cursor.global_position;
-    }
-    sqlx::query("SET LOCAL search_path TO public")
-        .execute(&mut *tx)
-        .await?;
+    catch_up_shadow(pool, &mut tx, projection, schema, cursor, report).await?;
     for table in tables {
         // `LIKE … INCLUDING ALL` names the shadow's indexes after their columns; the live
         // names come back after the move, so migrations that name an index still find it.
@@ -561,7 +576,7 @@ async fn compare(
     projection: &str,
     tables: &[&str],
     schema: &str,
-    mut cursor: LogCursor,
+    cursor: LogCursor,
     report: &mut Report,
     on_difference: &mut (dyn FnMut(Difference<'_>) + Send),
 ) -> Result<(), sqlx::Error> {
@@ -571,21 +586,7 @@ async fn compare(
     sqlx::query("LOCK TABLE public.projection_guards IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
-    use_schema(&mut tx, schema).await?;
-    loop {
-        let batch = ledger_store::read_after(pool, cursor, 1000).await?;
-        let Some(last) = batch.last().map(|e| e.cursor) else {
-            break;
-        };
-        let applied = apply_batch(&mut tx, projection, &batch).await?;
-        save_cursor(&mut tx, projection, last, applied).await?;
-        cursor = last;
-        report.progress.events += applied;
-        report.progress.position = cursor.global_position;
-    }
-    sqlx::query("SET LOCAL search_path TO public")
-        .execute(&mut *tx)
-        .await?;
+    catch_up_shadow(pool, &mut tx, projection, schema, cursor, report).await?;
     // The live model's lag: aggregates whose live guard is behind the shadow's, brought to
     // the same sequence through the live guards (rolled back at the end).
     let lagging: Vec<(String, String, i64, i64)> = sqlx::query_as(&format!(
