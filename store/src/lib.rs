@@ -18,15 +18,19 @@
 //! `global_position` is taken at insert, before commit, so transactions can commit out of
 //! position order: reading "everything after position P" could skip an event whose
 //! transaction was still open. The log is therefore read in `(transaction_id,
-//! global_position)` order and only up to the oldest transaction still running
-//! (`pg_snapshot_xmin(pg_current_snapshot())`): every transaction below that watermark has
-//! ended, so no event can ever appear behind a reader's cursor. One aggregate's events keep
-//! their sequence order in this order too (sequence n+1 is written by a later transaction).
+//! global_position)` order and only up to a watermark ([`log::watermark`], ADR 0017): the
+//! oldest transaction still running that writes to `events` (or, with none, the next
+//! transaction id). Every transaction below it has ended or never writes events, so no
+//! event can ever appear behind a reader's cursor. Transactions that write only elsewhere,
+//! such as the projector's batches, do not hold readers back; a trigger refuses an append
+//! by a transaction that wrote elsewhere first, which is what makes that safe. One
+//! aggregate's events keep their sequence order in this order too (sequence n+1 is written
+//! by a later transaction).
 
 pub mod aggregates;
 pub mod log;
 
 pub use log::{
-    event_by_id, events_by_ids, events_of, head, lag, read_after, read_positions, waiting_in, Lag,
-    LogCursor, LogEntry, LogNotifications,
+    event_by_id, events_by_ids, events_of, head, lag, read_after, read_positions, waiting_in,
+    watermark, Lag, LogCursor, LogEntry, LogNotifications,
 };

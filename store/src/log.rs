@@ -54,8 +54,50 @@ pub(crate) struct Row {
     recorded_at: DateTime<Utc>,
 }
 
+/// The log's watermark (ADR 0017): every transaction with a smaller id has ended or will
+/// never write to `events`, so no event can later appear below it.
+///
+/// It is the least of the next transaction id of this statement's snapshot and the id of
+/// every transaction of the snapshot that is still running and holds a write lock on
+/// `events` (in this database). Transactions that only write elsewhere, such as the
+/// projector's batches, do not hold it back. Why that is safe:
+/// - a transaction that ended before this statement's snapshot is seen by the next
+///   statement, so [`read_after`] reads its events in a second statement;
+/// - one running and holding the lock when `pg_locks` is read is counted;
+/// - one that takes the lock later gets its id after this snapshot, so not below `xmax`,
+///   because the lock comes before the id: a statement locks its tables before it writes,
+///   and the `events_append_first` trigger refuses an append by a transaction that already
+///   wrote elsewhere (its id would predate its lock);
+/// - locks are held to the end of the transaction, so a writer is never missed between
+///   two reads.
+pub async fn watermark(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS s),
+              writers AS (
+                  SELECT held.transactionid::text::bigint AS xid
+                    FROM pg_locks AS events_lock
+                    JOIN pg_locks AS held
+                      ON held.virtualtransaction = events_lock.virtualtransaction
+                   WHERE events_lock.locktype = 'relation'
+                     AND events_lock.database =
+                         (SELECT oid FROM pg_database WHERE datname = current_database())
+                     AND events_lock.relation = 'events'::regclass
+                     AND events_lock.mode NOT IN ('AccessShareLock', 'RowShareLock')
+                     AND held.locktype = 'transactionid'
+                     AND held.mode = 'ExclusiveLock')
+         SELECT least(pg_snapshot_xmax(s)::text::bigint,
+                      (SELECT min(running::text::bigint)
+                         FROM pg_snapshot_xip(s) AS running
+                        WHERE running::text::bigint % 4294967296 IN (SELECT xid FROM writers)))
+           FROM snapshot",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// Up to `limit` events after `after`, in commit-safe order, never past an event whose
-/// transaction might still commit.
+/// transaction might still commit: the events of transactions below the [`watermark`],
+/// read in a second statement so that its snapshot sees every one of them that ended.
 ///
 /// The `ORDER BY` names the table's columns: unqualified, `transaction_id` would mean the
 /// selected alias (a cast), and PostgreSQL would sort the whole table instead of walking
@@ -67,15 +109,20 @@ pub async fn read_after(
     after: LogCursor,
     limit: i64,
 ) -> Result<Vec<LogEntry>, sqlx::Error> {
+    let watermark = watermark(pool).await?;
+    if watermark <= after.transaction_id {
+        return Ok(Vec::new());
+    }
     let rows: Vec<Row> = sqlx::query_as(&format!(
         "{SELECT_EVENTS}
           WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            AND transaction_id < $3::text::xid8
           ORDER BY events.transaction_id, events.global_position
-          LIMIT $3"
+          LIMIT $4"
     ))
     .bind(after.transaction_id.to_string())
     .bind(after.global_position)
+    .bind(watermark.to_string())
     .bind(limit)
     .fetch_all(pool)
     .await?;

@@ -162,3 +162,105 @@ async fn a_commit_wakes_a_waiting_reader() {
     }
     assert!(waiter.await.unwrap() < Duration::from_secs(120));
 }
+
+/// ADR 0017: a transaction that writes only elsewhere (like the projector's batches) and
+/// stays open does not hold the log back. With the old cluster-wide watermark
+/// (`pg_snapshot_xmin`) the reader returned nothing until it ended.
+#[tokio::test]
+async fn a_transaction_that_writes_elsewhere_does_not_hold_the_log_back() {
+    let (url, pool) = fresh_database().await;
+    let mut other = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE elsewhere (n int)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut open = other.begin().await.unwrap();
+    sqlx::query("INSERT INTO elsewhere VALUES (1)")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+
+    let mut auto = PgConnection::connect(&url).await.unwrap();
+    let first = append(&mut auto, "a", 1, 1).await;
+    let second = append(&mut auto, "b", 1, 2).await;
+    // No waiting: the very first read returns both (a read held back by the open
+    // transaction would return nothing).
+    let (read, _) = positions(&pool, LogCursor::default()).await;
+    assert_eq!(read, vec![first, second]);
+    open.rollback().await.unwrap();
+}
+
+/// The invariant the watermark rests on (ADR 0017): a transaction that wrote elsewhere
+/// first cannot append, because its id would be older than its lock on `events` and a
+/// reader could pass its events. Nothing is written; appending first and writing elsewhere
+/// afterwards stays allowed.
+#[tokio::test]
+async fn an_append_after_another_write_in_the_same_transaction_is_refused() {
+    let (url, pool) = fresh_database().await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE elsewhere (n int)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("INSERT INTO elsewhere VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let refused = sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('account', 'late', 1, 'MoneyDeposited', '2', '{}', '{}')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    let code = refused
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("55000"), "{refused}");
+    tx.rollback().await.unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+
+    // Appending first, then writing elsewhere, then appending again: allowed.
+    let mut tx = conn.begin().await.unwrap();
+    append(&mut tx, "first", 1, 1).await;
+    sqlx::query("INSERT INTO elsewhere VALUES (2)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    append(&mut tx, "first", 2, 1).await;
+    tx.commit().await.unwrap();
+    assert_eq!(read_count(&pool, LogCursor::default(), 2).await.0.len(), 2);
+}
+
+/// A transaction that appended and stays open still holds the log back after it also
+/// writes elsewhere, and a later writer's committed events wait behind it.
+#[tokio::test]
+async fn an_open_events_writer_holds_back_later_commits_even_after_writing_elsewhere() {
+    let (url, pool) = fresh_database().await;
+    let mut slow = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE elsewhere (n int)")
+        .execute(&mut slow)
+        .await
+        .unwrap();
+    let mut t1 = slow.begin().await.unwrap();
+    let gap = append(&mut t1, "a", 1, 1).await;
+    sqlx::query("INSERT INTO elsewhere VALUES (1)")
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    let mut auto = PgConnection::connect(&url).await.unwrap();
+    let later = append(&mut auto, "b", 1, 2).await;
+    assert!(positions(&pool, LogCursor::default()).await.0.is_empty());
+    t1.commit().await.unwrap();
+    assert_eq!(
+        read_count(&pool, LogCursor::default(), 2).await.0,
+        vec![gap, later]
+    );
+}
