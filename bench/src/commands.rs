@@ -185,8 +185,11 @@ pub async fn commands(accounts: usize, seconds: u64) {
     .await
     .unwrap();
 
-    // COMMAND_QUEUE_MAX passes through from the bench's own environment, to compare bounds.
+    // COMMAND_QUEUE_MAX and COMMAND_PIPELINE_DEPTH pass through from the bench's own
+    // environment, to compare settings.
     let queue_max = std::env::var("COMMAND_QUEUE_MAX").unwrap_or_else(|_| "512".into());
+    let depth = std::env::var("COMMAND_PIPELINE_DEPTH").unwrap_or_else(|_| "1".into());
+    println!("command API: COMMAND_QUEUE_MAX={queue_max} COMMAND_PIPELINE_DEPTH={depth}");
     let command = CommandApi::start_with(
         &url,
         &[
@@ -194,6 +197,7 @@ pub async fn commands(accounts: usize, seconds: u64) {
             ("DATABASE_MAX_CONNECTIONS", "40"),
             ("RUST_LOG", "warn"),
             ("COMMAND_QUEUE_MAX", &queue_max),
+            ("COMMAND_PIPELINE_DEPTH", &depth),
         ],
     )
     .await;

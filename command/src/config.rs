@@ -65,6 +65,13 @@ pub struct Settings {
     #[arg(long, env = "COMMAND_BATCH_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub command_batch_max: u16,
 
+    /// Batches one writer may have committing at once (pipelining, ADR 0010): with 2, the
+    /// writer decides and sends the next batch while the previous one commits, holding back
+    /// commands on the aggregates (and keys, steps) still in flight. 1 commits one batch at
+    /// a time.
+    #[arg(long, env = "COMMAND_PIPELINE_DEPTH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub command_pipeline_depth: u16,
+
     /// Most commands waiting for one writer beside the batch it commits; more are refused
     /// at once with 503 `overloaded` and `Retry-After`, before anything is queued.
     #[arg(long, env = "COMMAND_QUEUE_MAX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

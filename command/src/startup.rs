@@ -46,6 +46,7 @@ impl Application {
         let writers = WriterConfig {
             writers: usize::from(settings.command_writers),
             batch_max: usize::from(settings.command_batch_max),
+            pipeline_depth: usize::from(settings.command_pipeline_depth),
             cache_capacity: settings.command_cache_capacity,
             snapshot_every: i64::try_from(settings.snapshot_every).unwrap_or(i64::MAX),
             queue_max: usize::try_from(settings.command_queue_max).unwrap_or(usize::MAX),

@@ -48,6 +48,7 @@ use std::sync::Arc;
 use ledger_store::aggregates::{self, Batch, Positions};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::domain::Decider;
@@ -67,6 +68,8 @@ pub struct WriterConfig {
     pub writers: usize,
     /// Most commands committed by one statement.
     pub batch_max: usize,
+    /// Batches one writer may have committing at once (1: one at a time).
+    pub pipeline_depth: usize,
     /// Most aggregates kept in memory, over all writers.
     pub cache_capacity: u64,
     /// A snapshot is written when an aggregate's version crosses a multiple of this.
@@ -87,6 +90,7 @@ impl Default for WriterConfig {
         Self {
             writers: 1,
             batch_max: 256,
+            pipeline_depth: 1,
             cache_capacity: 100_000,
             snapshot_every: 100,
             queue_max: 512,
@@ -115,6 +119,12 @@ impl<A: Decider> Job<A> {
             .as_ref()
             .map(|s| format!("s:{s}"));
         key.into_iter().chain(step)
+    }
+
+    /// What a batch still committing holds against later batches: its aggregate and its
+    /// claims.
+    fn holds(&self) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(format!("a:{}", self.intent.aggregate_id)).chain(self.claims())
     }
 }
 
@@ -153,6 +163,7 @@ where
                     pool: pool.clone(),
                     cache: moka::sync::Cache::new(capacity),
                     batch_max: config.batch_max.max(1),
+                    pipeline_depth: config.pipeline_depth.max(1),
                     snapshot_every: config.snapshot_every.max(1),
                     faults: faults.clone(),
                 };
@@ -240,6 +251,7 @@ struct Writer<A: Decider> {
     pool: PgPool,
     cache: moka::sync::Cache<Uuid, Entry<A>>,
     batch_max: usize,
+    pipeline_depth: usize,
     snapshot_every: i64,
     faults: Arc<Faults>,
 }
@@ -249,46 +261,100 @@ where
     A: Decider,
     A::Error: std::error::Error,
 {
+    /// Takes batches from the queue and commits them, up to `pipeline_depth` at once. A
+    /// command whose aggregate, idempotency key or transfer step is in a batch still
+    /// committing waits for that batch to end, so it is decided on the state that batch
+    /// left (each command sees every earlier command of its aggregate).
     async fn run(self, mut queue: mpsc::Receiver<Job<A>>) {
+        let writer = Arc::new(self);
         let mut held: VecDeque<Job<A>> = VecDeque::new();
+        // What the batches still committing hold: aggregates and claims.
+        let mut busy: HashSet<String> = HashSet::new();
+        let mut committing: JoinSet<Vec<String>> = JoinSet::new();
+        let mut closed = false;
         loop {
-            let mut taken: Vec<Job<A>> = held.drain(..).collect();
-            if taken.is_empty() {
-                match queue.recv().await {
-                    Some(job) => taken.push(job),
-                    None => return,
+            let room = committing.len() < writer.pipeline_depth;
+            if room {
+                let mut taken: Vec<Job<A>> = held.drain(..).collect();
+                while taken.len() < writer.batch_max {
+                    match queue.try_recv() {
+                        Ok(job) => taken.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let (batch, abandoned) = writer.select(taken, &busy, &mut held);
+                if abandoned > 0 {
+                    tracing::debug!(abandoned, "commands whose callers have gone were dropped");
+                    metrics::counter!("ledger_command_abandoned_total", "aggregate_type" => A::TYPE)
+                        .increment(abandoned);
+                }
+                if !batch.is_empty() {
+                    let holds: Vec<String> = batch.iter().flat_map(Job::holds).collect();
+                    busy.extend(holds.iter().cloned());
+                    let writer = writer.clone();
+                    committing.spawn(async move {
+                        writer.commit(batch).await;
+                        holds
+                    });
+                    continue;
                 }
             }
-            while taken.len() < self.batch_max {
-                match queue.try_recv() {
-                    Ok(job) => taken.push(job),
-                    Err(_) => break,
-                }
+            if closed && committing.is_empty() && held.is_empty() {
+                return;
             }
-            let mut claimed = HashSet::new();
-            let mut batch = Vec::with_capacity(taken.len());
-            let mut abandoned = 0u64;
-            for job in taken {
-                if job.reply.is_closed() {
-                    // Its caller has gone (timed out, disconnected) before the command
-                    // started: nobody will learn of it, so it is not carried out.
-                    abandoned += 1;
-                } else if job.claims().all(|claim| !claimed.contains(&claim)) {
-                    claimed.extend(job.claims());
-                    batch.push(job);
-                } else {
-                    held.push_back(job);
-                }
-            }
-            if abandoned > 0 {
-                tracing::debug!(abandoned, "commands whose callers have gone were dropped");
-                metrics::counter!("ledger_command_abandoned_total", "aggregate_type" => A::TYPE)
-                    .increment(abandoned);
-            }
-            if !batch.is_empty() {
-                self.commit(batch).await;
+            tokio::select! {
+                done = committing.join_next(), if !committing.is_empty() => match done {
+                    Some(Ok(holds)) => {
+                        for hold in holds {
+                            busy.remove(&hold);
+                        }
+                    }
+                    Some(Err(err)) => {
+                        // A batch task panicked: its callers were answered "the writer has
+                        // stopped" when their reply channels dropped. What it held cannot be
+                        // told from here, so wait for the other batches and start clean.
+                        tracing::error!(error = %err, "a batch commit failed unexpectedly");
+                        while committing.join_next().await.is_some() {}
+                        busy.clear();
+                    }
+                    None => {}
+                },
+                job = queue.recv(), if room && !closed => match job {
+                    Some(job) => held.push_back(job),
+                    None => closed = true,
+                },
             }
         }
+    }
+
+    /// Splits `taken` into the next batch and the jobs that must wait (`held`, in arrival
+    /// order): a job waits when its aggregate or a claim is in a batch still committing, or
+    /// when an earlier job of this batch carries the same key or step. Jobs whose callers
+    /// have gone are dropped and counted.
+    fn select(
+        &self,
+        taken: Vec<Job<A>>,
+        busy: &HashSet<String>,
+        held: &mut VecDeque<Job<A>>,
+    ) -> (Vec<Job<A>>, u64) {
+        let mut claimed = HashSet::new();
+        let mut batch = Vec::with_capacity(taken.len());
+        let mut abandoned = 0u64;
+        for job in taken {
+            if job.reply.is_closed() {
+                // Its caller has gone (timed out, disconnected) before the command
+                // started: nobody will learn of it, so it is not carried out.
+                abandoned += 1;
+            } else if job.holds().all(|hold| !busy.contains(&hold))
+                && job.claims().all(|claim| !claimed.contains(&claim))
+            {
+                claimed.extend(job.claims());
+                batch.push(job);
+            } else {
+                held.push_back(job);
+            }
+        }
+        (batch, abandoned)
     }
 
     /// Commits `jobs` together. When the batch fails on a conflict, every aggregate in it

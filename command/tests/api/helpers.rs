@@ -226,6 +226,18 @@ impl TestApp {
         tokio::spawn(async move { answer(request.send().await.expect("request sent")).await })
     }
 
+    /// Sends a withdrawal in a task of its own (see [`Self::spawn_deposit`]).
+    pub fn spawn_withdraw(&self, account: Uuid, amount: i64) -> tokio::task::JoinHandle<Answer> {
+        let request = self
+            .client
+            .post(format!(
+                "{}/v1/accounts/{account}/withdrawals",
+                self.address
+            ))
+            .json(&json!({"amount": amount, "currency": "EUR"}));
+        tokio::spawn(async move { answer(request.send().await.expect("request sent")).await })
+    }
+
     pub async fn close(&self, account: Uuid, key: Option<&str>) -> Answer {
         self.post(&format!("/v1/accounts/{account}/close"), &Value::Null, key)
             .await

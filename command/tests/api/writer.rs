@@ -393,3 +393,59 @@ async fn an_unreadable_aggregate_fails_only_its_own_commands() {
     assert_eq!(on_healthy.unwrap().state.balance, 5);
     assert_eq!(app.balance_from_events(healthy).await, 5);
 }
+
+/// Pipelining (`COMMAND_PIPELINE_DEPTH=2`): while one batch waits on a lock, the writer
+/// commits the next batch for other accounts; a command on an account still in a committing
+/// batch waits for it and is decided on what it left. With a depth of 1 the other account's
+/// deposit waits too (the first `eventually` fails); with the in-flight aggregate not held
+/// back, the withdrawal is decided on the balance before the stuck deposit and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_writer_commits_other_accounts_while_a_batch_waits_and_holds_back_its_account()
+{
+    let app = spawn_app_with(&["--command-pipeline-depth", "2"]).await;
+    let (blocked, other) = (app.new_account().await, app.new_account().await);
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let stuck = app.spawn_deposit(blocked, 5);
+    wait_for_lock_waiter(&app.pool).await;
+
+    // Needs the deposit before it: it may only be decided once that batch has committed.
+    let withdrawal = app.spawn_withdraw(blocked, 5);
+    // Sent after the withdrawal, answered while the first batch still waits.
+    let free = app.spawn_deposit(other, 7);
+    eventually(
+        Duration::from_secs(10),
+        "a deposit on another account to commit while a batch waits",
+        || {
+            let done = free.is_finished();
+            async move { done }
+        },
+    )
+    .await;
+    assert_eq!(free.await.unwrap().status, 200);
+    assert!(!stuck.is_finished(), "the stuck batch was answered early");
+
+    tx.rollback().await.unwrap();
+    let (stuck, withdrawal) = (stuck.await.unwrap(), withdrawal.await.unwrap());
+    assert_eq!(stuck.status, 200, "{}", stuck.text);
+    assert_eq!(withdrawal.status, 200, "{}", withdrawal.text);
+    let kinds: Vec<(i64, String)> = app
+        .events_of(blocked)
+        .await
+        .into_iter()
+        .map(|(sequence, kind, _, _)| (sequence, kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, "AccountOpened".to_owned()),
+            (2, "MoneyDeposited".to_owned()),
+            (3, "MoneyWithdrawn".to_owned())
+        ]
+    );
+    assert_eq!(app.balance_from_events(blocked).await, 0);
+    assert_eq!(app.balance_from_events(other).await, 7);
+}
