@@ -290,6 +290,15 @@ mod tests {
     const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const KEY_B: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
 
+    /// Current, previous, then the setting, entry and problem reported.
+    type Case = (
+        Option<String>,
+        Option<String>,
+        &'static str,
+        Option<usize>,
+        KeyringProblem,
+    );
+
     fn err(current: Option<&str>, previous: Option<&str>) -> KeyringError {
         Keyring::parse(current, previous).unwrap_err()
     }
@@ -326,13 +335,7 @@ mod tests {
         // A 32-byte key that is also a valid id: pasting it without an id must not echo it.
         let bare_key = KEY_A;
         let short = "c2hvcnQta2V5LW1hdGVyaWFs"; // 18 bytes
-        let cases: Vec<(
-            Option<String>,
-            Option<String>,
-            &str,
-            Option<usize>,
-            KeyringProblem,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 Some(bare_key.into()),
                 None,

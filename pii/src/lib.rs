@@ -50,10 +50,15 @@ mod aead;
 pub mod data_key;
 pub mod field;
 pub mod keyring;
+pub mod store;
 
 pub use data_key::{DataKey, SubjectKey, UnwrapError, WrappedKey};
 pub use field::{is_encrypted, Ciphertext, FieldError};
 pub use keyring::{Kek, KekId, Keyring, KeyringError, KeyringProblem};
+pub use store::{
+    CacheSettings, DecryptError, Erasure, KeyStore, RewrapFailure, RewrapReport, StoreError,
+    ERASURE_CHANNEL,
+};
 
 /// What read models show in place of a personal field whose subject was erased (owner
 /// name, statement reference, …). A fixed string, not an empty one, so a reader can tell
