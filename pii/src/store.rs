@@ -8,7 +8,8 @@
 //!   [`CacheSettings::ttl`].
 //! - [`KeyStore::erase`] deletes the wrapped bytes of every version in one statement, keeps
 //!   the rows as a tombstone, notifies [`ERASURE_CHANNEL`] in the same transaction and
-//!   replaces the subject's cache entry by the tombstone. Idempotent.
+//!   replaces the subject's cache entry by the tombstone. Idempotent. [`KeyStore::erase_in`]
+//!   runs the same statements in the caller's transaction (with the erasure event).
 //! - [`KeyStore::rewrap_all`] moves every live key under the current KEK, batch by batch
 //!   (one transaction each, rows locked), and reports what it did: the core of the KEK
 //!   rotation command.
@@ -410,8 +411,8 @@ impl KeyStore {
     }
 
     /// Destroys every version of the subject's key (the wrapped bytes are deleted; the rows
-    /// stay as a tombstone) and announces it on [`ERASURE_CHANNEL`]. Erasing again answers
-    /// [`Erasure::AlreadyErased`] with the first erasure's time.
+    /// stay as a tombstone) and announces it on [`ERASURE_CHANNEL`], in a transaction of its
+    /// own. Erasing again answers [`Erasure::AlreadyErased`] with the first erasure's time.
     ///
     /// # Errors
     /// [`StoreError::UnknownSubject`] when no key was ever created for it;
@@ -419,6 +420,23 @@ impl KeyStore {
     #[tracing::instrument(skip_all, fields(subject = %subject))]
     pub async fn erase(&self, subject: Uuid) -> Result<Erasure, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let answer = Self::erase_in(&mut tx, subject).await?;
+        tx.commit().await?;
+        self.forget_as_erased(subject, answer.at());
+        Ok(answer)
+    }
+
+    /// [`KeyStore::erase`]'s statements inside the caller's transaction, so that the keys
+    /// are destroyed together with whatever else it writes (the erasure event) or not at
+    /// all. It leaves the cache alone: call [`KeyStore::forget`] once the transaction has
+    /// committed (a rollback then leaves nothing to undo).
+    ///
+    /// # Errors
+    /// As [`KeyStore::erase`].
+    pub async fn erase_in(
+        conn: &mut sqlx::PgConnection,
+        subject: Uuid,
+    ) -> Result<Erasure, StoreError> {
         let erased: Option<DateTime<Utc>> = sqlx::query_scalar(
             "WITH erased AS (
                  UPDATE subject_keys SET wrapped_key = NULL, erased_at = now()
@@ -427,34 +445,28 @@ impl KeyStore {
              SELECT max(erased_at) FROM erased",
         )
         .bind(subject)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *conn)
         .await?;
-        let answer = if let Some(at) = erased {
+        if let Some(at) = erased {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(ERASURE_CHANNEL)
                 .bind(subject.to_string())
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
-            Erasure::ErasedNow { at }
-        } else {
-            // Nothing live: erased before, or never known. This statement's snapshot sees
-            // an erasure that committed while the update above waited for its lock.
-            let before: Option<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT max(erased_at) FROM subject_keys WHERE subject_id = $1")
-                    .bind(subject)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            match before {
-                Some(at) => Erasure::AlreadyErased { at },
-                None => return Err(StoreError::UnknownSubject { subject }),
-            }
-        };
-        tx.commit().await?;
-        self.forget_as_erased(subject, answer.at());
-        if matches!(answer, Erasure::ErasedNow { .. }) {
             tracing::info!(subject = %subject, "data subject's keys erased");
+            return Ok(Erasure::ErasedNow { at });
         }
-        Ok(answer)
+        // Nothing live: erased before, or never known. In READ COMMITTED this statement's
+        // snapshot sees an erasure that committed while the update above waited for its lock.
+        let before: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT max(erased_at) FROM subject_keys WHERE subject_id = $1")
+                .bind(subject)
+                .fetch_one(&mut *conn)
+                .await?;
+        match before {
+            Some(at) => Ok(Erasure::AlreadyErased { at }),
+            None => Err(StoreError::UnknownSubject { subject }),
+        }
     }
 
     /// Drops whatever this process caches for the subject: call it on a notification on

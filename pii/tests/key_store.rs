@@ -352,3 +352,39 @@ async fn loads_racing_an_erasure_never_put_the_erased_key_back_in_the_cache() {
     }
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn an_erasure_in_the_callers_transaction_is_undone_by_its_rollback_and_kept_by_its_commit() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let subject = Uuid::new_v4();
+    keys.create(subject).await.unwrap();
+    keys.load(subject, 1).await.unwrap(); // cached
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let erased = KeyStore::erase_in(&mut tx, subject).await.unwrap();
+    assert!(matches!(erased, Erasure::ErasedNow { .. }));
+    tx.rollback().await.unwrap();
+    // Nothing was erased: the key still loads, from the cache and from the table.
+    keys.load(subject, 1).await.unwrap();
+    store(&db.pool, ring(kek("k1", 1), vec![]))
+        .load(subject, 1)
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let erased = KeyStore::erase_in(&mut tx, subject).await.unwrap();
+    tx.commit().await.unwrap();
+    keys.forget(subject);
+    assert!(matches!(
+        keys.load(subject, 1).await,
+        Err(StoreError::Erased { erased_at, .. }) if erased_at == erased.at()
+    ));
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        KeyStore::erase_in(&mut tx, subject).await.unwrap(),
+        Erasure::AlreadyErased { at: erased.at() }
+    );
+    tx.commit().await.unwrap();
+    db.drop_database().await;
+}
