@@ -483,6 +483,45 @@ impl KeyStore {
         self.cache.insert(subject, Arc::new(Cached::Erased(at)));
     }
 
+    /// The start-up check: unwraps one live key per KEK id found in `subject_keys`, so that
+    /// a KEK missing from the configuration, or wrong key material under a known id, refuses
+    /// to start instead of failing every decryption later. Returns the KEK ids checked.
+    ///
+    /// # Errors
+    /// [`StoreError::Unwrap`] (its source names the KEK id and the settings);
+    /// [`StoreError::Database`].
+    pub async fn verify_keyring(&self) -> Result<Vec<KekId>, StoreError> {
+        let rows: Vec<(Uuid, i32, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT DISTINCT ON (kek_id) subject_id, key_version, kek_id, wrapped_key
+               FROM subject_keys WHERE erased_at IS NULL
+              ORDER BY kek_id, subject_id, key_version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut checked = Vec::with_capacity(rows.len());
+        for (subject, version, kek_id, bytes) in rows {
+            let version = u32::try_from(version).unwrap_or_default();
+            let unwrap_error = |source| StoreError::Unwrap {
+                subject,
+                version,
+                source,
+            };
+            let kek_id = KekId::new(&kek_id).ok_or_else(|| unwrap_error(UnwrapError::Malformed))?;
+            SubjectKey::unwrap(
+                &self.keyring,
+                subject,
+                version,
+                &WrappedKey {
+                    kek_id: kek_id.clone(),
+                    bytes,
+                },
+            )
+            .map_err(unwrap_error)?;
+            checked.push(kek_id);
+        }
+        Ok(checked)
+    }
+
     /// Rewraps every live key that is not under the current KEK with the current KEK,
     /// `batch_size` keys per transaction (the rows locked, so an erasure or another
     /// rewrap waits), walking the keys in primary-key order once. Keys it cannot unwrap are

@@ -388,3 +388,47 @@ async fn an_erasure_in_the_callers_transaction_is_undone_by_its_rollback_and_kep
     tx.commit().await.unwrap();
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn the_start_up_check_refuses_a_missing_or_wrong_kek_and_names_it() {
+    let db = TestDb::new().await;
+    store(&db.pool, ring(kek("k0", 9), vec![]))
+        .create(Uuid::new_v4())
+        .await
+        .unwrap();
+    store(&db.pool, ring(kek("k1", 1), vec![]))
+        .create(Uuid::new_v4())
+        .await
+        .unwrap();
+
+    let ids = store(&db.pool, ring(kek("k1", 1), vec![kek("k0", 9)]))
+        .verify_keyring()
+        .await
+        .unwrap();
+    assert_eq!(
+        ids.iter().map(KekId::as_str).collect::<Vec<_>>(),
+        ["k0", "k1"]
+    );
+
+    let missing = store(&db.pool, ring(kek("k1", 1), vec![]))
+        .verify_keyring()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        &missing,
+        StoreError::Unwrap { source: UnwrapError::UnknownKek(id), .. } if id.as_str() == "k0"
+    ));
+    let wrong = store(&db.pool, ring(kek("k1", 1), vec![kek("k0", 8)]))
+        .verify_keyring()
+        .await
+        .unwrap_err();
+    let StoreError::Unwrap { source, .. } = &wrong else {
+        panic!("{wrong:?}")
+    };
+    assert_eq!(
+        source,
+        &UnwrapError::AuthenticationFailed(KekId::new("k0").unwrap())
+    );
+    assert!(source.to_string().contains("`k0`"), "{source}");
+    db.drop_database().await;
+}
