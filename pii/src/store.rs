@@ -15,6 +15,7 @@
 //!   rotation command.
 //! - [`KeyStore::encrypt`] / [`KeyStore::decrypt`] are field encryption with the key looked
 //!   up here.
+//! - [`KeyStore::verify_keyring`] is the start-up check: one live key per KEK id unwraps.
 //!
 //! **Cache and erasure.** An erasure by this process can never be undone by a load that was
 //! reading the row at the same time: loads insert into the cache only if no erasure
