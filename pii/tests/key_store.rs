@@ -1,0 +1,434 @@
+//! The key store against a real PostgreSQL: create, load, erase (twice), unknown subjects,
+//! KEK rotation, and the cache never outliving an erasure.
+//!
+//! Like the other crates' database tests (`ledger_platform::testing::fresh_database`), each
+//! test makes its own database `ledger_test_pii_<uuid>` next to the one `DATABASE_URL` names
+//! (`scripts/test.sh` drops leftovers) and applies every migration under `migrations/`;
+//! the helper is repeated here so that this crate's tests do not build the services'
+//! platform crate. A passing test drops its database.
+
+#![allow(clippy::unwrap_used)]
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use ledger_pii::{
+    CacheSettings, DecryptError, Erasure, Kek, KekId, KeyStore, Keyring, StoreError, UnwrapError,
+    ERASED_MARKER, ERASURE_CHANNEL,
+};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+struct TestDb {
+    admin: PgConnectOptions,
+    name: String,
+    pool: PgPool,
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let admin = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a postgres URL");
+        let name = format!("ledger_test_pii_{}", Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect_with(&admin)
+            .await
+            .expect("PostgreSQL reachable at DATABASE_URL");
+        conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+            .await
+            .unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(admin.clone().database(&name))
+            .await
+            .unwrap();
+        MIGRATOR.run(&pool).await.expect("migrations apply");
+        Self { admin, name, pool }
+    }
+
+    async fn drop_database(self) {
+        self.pool.close().await;
+        let mut conn = PgConnection::connect_with(&self.admin).await.unwrap();
+        conn.execute(format!(r#"DROP DATABASE "{}" WITH (FORCE)"#, self.name).as_str())
+            .await
+            .unwrap();
+    }
+}
+
+fn kek(id: &str, byte: u8) -> Kek {
+    Kek::new(KekId::new(id).unwrap(), [byte; 32])
+}
+
+fn ring(current: Kek, previous: Vec<Kek>) -> Keyring {
+    Keyring::new(current, previous).unwrap()
+}
+
+fn store(pool: &PgPool, keyring: Keyring) -> KeyStore {
+    KeyStore::new(pool.clone(), keyring, CacheSettings::default())
+}
+
+#[tokio::test]
+async fn a_key_is_created_loaded_erased_and_erasing_again_answers_the_same() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let subject = Uuid::new_v4();
+    let event = Uuid::new_v4();
+
+    let created = keys.create(subject).await.unwrap();
+    assert_eq!((created.subject(), created.version()), (subject, 1));
+    let text = keys
+        .encrypt(subject, event, "owner", "Zoë Q. Distinctive")
+        .await
+        .unwrap();
+    assert!(text.starts_with("pii1.1."), "{text}");
+    // Another process (no cache) reads it through the table.
+    let other = store(&db.pool, ring(kek("k1", 1), vec![]));
+    assert_eq!(
+        other.decrypt(subject, event, "owner", &text).await.unwrap(),
+        "Zoë Q. Distinctive"
+    );
+    assert!(matches!(
+        keys.create(subject).await,
+        Err(StoreError::AlreadyExists { subject: s }) if s == subject
+    ));
+
+    let first = keys.erase(subject).await.unwrap();
+    assert!(matches!(first, Erasure::ErasedNow { .. }), "{first:?}");
+    let (bytes, erased_at): (Option<Vec<u8>>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT wrapped_key, erased_at FROM subject_keys WHERE subject_id = $1")
+            .bind(subject)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((bytes, erased_at), (None, Some(first.at())));
+
+    // Erasing again answers the same erasure; nothing can bring the key back.
+    for store in [&keys, &other] {
+        assert_eq!(
+            store.erase(subject).await.unwrap(),
+            Erasure::AlreadyErased { at: first.at() }
+        );
+    }
+    let fresh = store(&db.pool, ring(kek("k1", 1), vec![]));
+    for store in [&keys, &fresh] {
+        assert!(matches!(
+            store.load(subject, 1).await,
+            Err(StoreError::Erased { erased_at, .. }) if erased_at == first.at()
+        ));
+        assert!(matches!(
+            store.decrypt(subject, event, "owner", &text).await,
+            Err(DecryptError::KeyErased { subject: s, .. }) if s == subject
+        ));
+    }
+    assert!(matches!(
+        keys.encrypt(subject, event, "owner", "x").await,
+        Err(StoreError::Erased { .. })
+    ));
+    assert!(matches!(
+        keys.create(subject).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(ERASED_MARKER, "[erased]");
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn an_unknown_subject_is_told_apart_from_an_erased_one() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let unknown = Uuid::new_v4();
+    assert!(
+        matches!(keys.erase(unknown).await, Err(StoreError::UnknownSubject { subject }) if subject == unknown)
+    );
+    assert!(matches!(
+        keys.load(unknown, 1).await,
+        Err(StoreError::UnknownSubject { .. })
+    ));
+    let known = Uuid::new_v4();
+    let text = keys
+        .create(known)
+        .await
+        .unwrap()
+        .encrypt(Uuid::nil(), "owner", "A");
+    assert!(matches!(
+        keys.decrypt(unknown, Uuid::nil(), "owner", &text).await,
+        Err(DecryptError::UnknownSubject { .. })
+    ));
+    assert!(matches!(
+        keys.decrypt(
+            known,
+            Uuid::nil(),
+            "owner",
+            &text.replacen("pii1.1.", "pii1.2.", 1)
+        )
+        .await,
+        Err(DecryptError::UnknownKeyVersion { version: 2, .. })
+    ));
+    assert!(matches!(
+        keys.decrypt(known, Uuid::new_v4(), "owner", &text).await,
+        Err(DecryptError::Field(
+            ledger_pii::FieldError::AuthenticationFailed
+        ))
+    ));
+    // The unknown subject is still unknown: nothing was written for it.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_keys WHERE subject_id = $1")
+        .bind(unknown)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn after_rotation_rewrap_all_moves_every_live_key_so_the_new_kek_alone_loads_them() {
+    let db = TestDb::new().await;
+    let before = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let event = Uuid::new_v4();
+    let mut texts = Vec::new();
+    for n in 0..5 {
+        let subject = Uuid::new_v4();
+        let key = before.create(subject).await.unwrap();
+        texts.push((subject, key.encrypt(event, "owner", &format!("person {n}"))));
+    }
+    let erased = texts.pop().unwrap().0;
+    before.erase(erased).await.unwrap();
+
+    // Without the rotation, the new KEK alone cannot read the keys.
+    let new_only = || store(&db.pool, ring(kek("k2", 2), vec![]));
+    assert!(matches!(
+        new_only().load(texts[0].0, 1).await,
+        Err(StoreError::Unwrap { source: UnwrapError::UnknownKek(id), .. }) if id.as_str() == "k1"
+    ));
+
+    let rotating = store(&db.pool, ring(kek("k2", 2), vec![kek("k1", 1)]));
+    let report = rotating.rewrap_all(3).await.unwrap();
+    assert_eq!(report.rewrapped, 4);
+    assert_eq!(report.batches, 2);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(
+        report.live_by_kek.into_iter().collect::<Vec<_>>(),
+        vec![("k2".to_owned(), 4)]
+    );
+    // Idempotent: nothing left to move.
+    let again = rotating.rewrap_all(3).await.unwrap();
+    assert_eq!((again.rewrapped, again.batches), (0, 0));
+
+    for keyring_after in [new_only(), rotating.clone()] {
+        for (n, (subject, text)) in texts.iter().enumerate() {
+            let plain = keyring_after
+                .decrypt(*subject, event, "owner", text)
+                .await
+                .unwrap();
+            assert_eq!(plain, format!("person {n}"));
+        }
+        // The erased subject stays erased: rotation rewraps no tombstone.
+        assert!(matches!(
+            keyring_after.load(erased, 1).await,
+            Err(StoreError::Erased { .. })
+        ));
+    }
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_key_under_a_kek_no_longer_configured_is_reported_by_rewrap_and_left_as_it_is() {
+    let db = TestDb::new().await;
+    let lost = Uuid::new_v4();
+    store(&db.pool, ring(kek("k0", 9), vec![]))
+        .create(lost)
+        .await
+        .unwrap();
+    let kept = Uuid::new_v4();
+    store(&db.pool, ring(kek("k1", 1), vec![]))
+        .create(kept)
+        .await
+        .unwrap();
+
+    let rotating = store(&db.pool, ring(kek("k2", 2), vec![kek("k1", 1)]));
+    let report = rotating.rewrap_all(100).await.unwrap();
+    assert_eq!(report.rewrapped, 1);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(
+        (report.failed[0].subject, report.failed[0].version),
+        (lost, 1)
+    );
+    assert_eq!(
+        report.failed[0].error,
+        UnwrapError::UnknownKek(KekId::new("k0").unwrap())
+    );
+    let counts: Vec<(String, u64)> = report.live_by_kek.into_iter().collect();
+    assert_eq!(counts, vec![("k0".to_owned(), 1), ("k2".to_owned(), 1)]);
+    // The key under the missing KEK is untouched: with that KEK back it loads.
+    store(&db.pool, ring(kek("k0", 9), vec![]))
+        .load(lost, 1)
+        .await
+        .unwrap();
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn an_erased_key_is_not_loadable_even_from_a_warm_cache() {
+    let db = TestDb::new().await;
+    let keyring = || ring(kek("k1", 1), vec![]);
+    let this = store(&db.pool, keyring());
+    let short_ttl = CacheSettings {
+        ttl: Duration::from_millis(300),
+        ..CacheSettings::default()
+    };
+    let listening = KeyStore::new(db.pool.clone(), keyring(), CacheSettings::default());
+    let not_listening = KeyStore::new(db.pool.clone(), keyring(), short_ttl);
+    let subject = Uuid::new_v4();
+    this.create(subject).await.unwrap();
+    for store in [&this, &listening, &not_listening] {
+        store.load(subject, 1).await.unwrap(); // warm
+    }
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen(ERASURE_CHANNEL).await.unwrap();
+
+    this.erase(subject).await.unwrap();
+    assert!(matches!(
+        this.load(subject, 1).await,
+        Err(StoreError::Erased { .. })
+    ));
+
+    // Another process learns it from the notification…
+    let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(note.payload(), subject.to_string());
+    assert!(
+        listening.load(subject, 1).await.is_ok(),
+        "the listening store's cache was warm"
+    );
+    listening.forget(Uuid::parse_str(note.payload()).unwrap());
+    assert!(matches!(
+        listening.load(subject, 1).await,
+        Err(StoreError::Erased { .. })
+    ));
+
+    // …or at the latest when its entry expires.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match not_listening.load(subject, 1).await {
+            Err(StoreError::Erased { .. }) => break,
+            Ok(_) => assert!(Instant::now() < deadline, "the erased key stayed cached"),
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loads_racing_an_erasure_never_put_the_erased_key_back_in_the_cache() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    for _ in 0..150 {
+        let subject = Uuid::new_v4();
+        keys.create(subject).await.unwrap();
+        let loads: Vec<_> = (0..6)
+            .map(|_| {
+                let keys = keys.clone();
+                tokio::spawn(async move { keys.load(subject, 1).await.map(|_| ()) })
+            })
+            .collect();
+        keys.erase(subject).await.unwrap();
+        for load in loads {
+            // Each load may see the key (it began first) or the erasure.
+            match load.await.unwrap() {
+                Ok(()) | Err(StoreError::Erased { .. }) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            matches!(keys.load(subject, 1).await, Err(StoreError::Erased { .. })),
+            "a load that read the key before the erasure cached it after"
+        );
+    }
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn an_erasure_in_the_callers_transaction_is_undone_by_its_rollback_and_kept_by_its_commit() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let subject = Uuid::new_v4();
+    keys.create(subject).await.unwrap();
+    keys.load(subject, 1).await.unwrap(); // cached
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let erased = KeyStore::erase_in(&mut tx, subject).await.unwrap();
+    assert!(matches!(erased, Erasure::ErasedNow { .. }));
+    tx.rollback().await.unwrap();
+    // Nothing was erased: the key still loads, from the cache and from the table.
+    keys.load(subject, 1).await.unwrap();
+    store(&db.pool, ring(kek("k1", 1), vec![]))
+        .load(subject, 1)
+        .await
+        .unwrap();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let erased = KeyStore::erase_in(&mut tx, subject).await.unwrap();
+    tx.commit().await.unwrap();
+    keys.forget(subject);
+    assert!(matches!(
+        keys.load(subject, 1).await,
+        Err(StoreError::Erased { erased_at, .. }) if erased_at == erased.at()
+    ));
+    let mut tx = db.pool.begin().await.unwrap();
+    assert_eq!(
+        KeyStore::erase_in(&mut tx, subject).await.unwrap(),
+        Erasure::AlreadyErased { at: erased.at() }
+    );
+    tx.commit().await.unwrap();
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn the_start_up_check_refuses_a_missing_or_wrong_kek_and_names_it() {
+    let db = TestDb::new().await;
+    store(&db.pool, ring(kek("k0", 9), vec![]))
+        .create(Uuid::new_v4())
+        .await
+        .unwrap();
+    store(&db.pool, ring(kek("k1", 1), vec![]))
+        .create(Uuid::new_v4())
+        .await
+        .unwrap();
+
+    let ids = store(&db.pool, ring(kek("k1", 1), vec![kek("k0", 9)]))
+        .verify_keyring()
+        .await
+        .unwrap();
+    assert_eq!(
+        ids.iter().map(KekId::as_str).collect::<Vec<_>>(),
+        ["k0", "k1"]
+    );
+
+    let missing = store(&db.pool, ring(kek("k1", 1), vec![]))
+        .verify_keyring()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        &missing,
+        StoreError::Unwrap { source: UnwrapError::UnknownKek(id), .. } if id.as_str() == "k0"
+    ));
+    let wrong = store(&db.pool, ring(kek("k1", 1), vec![kek("k0", 8)]))
+        .verify_keyring()
+        .await
+        .unwrap_err();
+    let StoreError::Unwrap { source, .. } = &wrong else {
+        panic!("{wrong:?}")
+    };
+    assert_eq!(
+        source,
+        &UnwrapError::AuthenticationFailed(KekId::new("k0").unwrap())
+    );
+    assert!(source.to_string().contains("`k0`"), "{source}");
+    db.drop_database().await;
+}
