@@ -82,10 +82,11 @@ pub async fn wait_for(
     let Some(position) = position else {
         return Ok(());
     };
-    // Subscribe before the first check, so a change between the check and the wait is seen.
-    let mut changes = state.changes.subscribe();
+    let watch = state.changes.watch(id);
     let deadline = Instant::now() + state.read_wait_timeout;
     loop {
+        // Registered before the check, so a change between the check and the wait wakes it.
+        let wake = watch.next_change();
         let current = guards::position_of(&state.pool, model.projection(), id).await?;
         if current >= position {
             return Ok(());
@@ -96,17 +97,6 @@ pub async fn wait_for(
                 current,
             });
         }
-        let wake = async {
-            loop {
-                match changes.recv().await {
-                    // This aggregate, or everything (a rebuild swapped a model in).
-                    Ok(changed) if &*changed == id || &*changed == crate::changes::ALL => return,
-                    Ok(_) => {}
-                    // Missed some: check again.
-                    Err(_) => return,
-                }
-            }
-        };
         let until = deadline.min(Instant::now() + RECHECK);
         let _ = tokio::time::timeout_at(until, wake).await;
     }
