@@ -23,13 +23,16 @@ use tokio::sync::{Notify, RwLock};
 /// whole cache is dropped and every waiting read re-checks.
 pub const ALL: &str = "*";
 
+/// Reads waiting for a change, by id: the id's notifier and how many reads watch it.
+type Waiting = Mutex<HashMap<Arc<str>, (Arc<Notify>, usize)>>;
+
 /// The cache of account summaries and the stream of changed account ids.
 #[derive(Clone)]
 pub struct Changes {
     /// Account summaries by id.
     pub cache: Cache<String, Arc<AccountSummary>>,
     /// Reads waiting for a change, by id: the id's notifier and how many watch it.
-    waiting: Arc<Mutex<HashMap<Arc<str>, (Arc<Notify>, usize)>>>,
+    waiting: Arc<Waiting>,
     /// Wakes every waiting read ([`ALL`], or the listener reconnected).
     everything: Arc<Notify>,
     /// Bumped on every notification (and on reconnects): a fetch that started before a bump
@@ -181,7 +184,7 @@ pub struct Watch {
     id: Arc<str>,
     notify: Arc<Notify>,
     everything: Arc<Notify>,
-    waiting: Arc<Mutex<HashMap<Arc<str>, (Arc<Notify>, usize)>>>,
+    waiting: Arc<Waiting>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -295,8 +298,14 @@ mod tests {
         // Before anything is polled.
         changes.changed("a").await;
         changes.changed("c").await;
-        assert!(a_woken.now_or_never().is_some(), "the read of `a` not woken");
-        assert!(a_again_woken.now_or_never().is_some(), "the other read of `a` not woken");
+        assert!(
+            a_woken.now_or_never().is_some(),
+            "the read of `a` not woken"
+        );
+        assert!(
+            a_again_woken.now_or_never().is_some(),
+            "the other read of `a` not woken"
+        );
         assert!(
             b_woken.now_or_never().is_none(),
             "a change of `a` or `c` woke the read of `b`"
