@@ -111,6 +111,22 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         concurrency: u32,
     },
+    /// The live projector under `commands`' 32-client load: events accepted and applied
+    /// per second, and how far behind the projector is, during the load and while it drains.
+    Keepup {
+        /// Accounts the deposits are spread over.
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Concurrent clients (wrk connections).
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Most seconds to wait for the projector to catch up after the load.
+        #[arg(long, default_value_t = 120)]
+        drain: u64,
+    },
     /// A projector killed with SIGKILL and restarted: seconds until it has its partitions
     /// back and applies new events, with dynamic and with static group membership.
     Rejoin {
@@ -133,6 +149,7 @@ enum Bench {
 }
 
 mod commands;
+mod keepup;
 mod pipeline;
 mod transfers;
 
@@ -165,6 +182,12 @@ async fn main() {
             }
         }
         Bench::Rejoin { rounds } => pipeline::rejoin(rounds).await,
+        Bench::Keepup {
+            accounts,
+            seconds,
+            clients,
+            drain,
+        } => keepup::keepup(accounts, seconds, clients, drain).await,
         Bench::Transfers {
             accounts,
             rate,
