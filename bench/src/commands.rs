@@ -188,7 +188,7 @@ pub async fn commands(accounts: usize, seconds: u64) {
     // COMMAND_QUEUE_MAX and COMMAND_PIPELINE_DEPTH pass through from the bench's own
     // environment, to compare settings.
     let queue_max = std::env::var("COMMAND_QUEUE_MAX").unwrap_or_else(|_| "512".into());
-    let depth = std::env::var("COMMAND_PIPELINE_DEPTH").unwrap_or_else(|_| "1".into());
+    let depth = std::env::var("COMMAND_PIPELINE_DEPTH").unwrap_or_else(|_| "2".into());
     println!("command API: COMMAND_QUEUE_MAX={queue_max} COMMAND_PIPELINE_DEPTH={depth}");
     let command = CommandApi::start_with(
         &url,

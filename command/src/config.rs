@@ -69,7 +69,7 @@ pub struct Settings {
     /// writer decides and sends the next batch while the previous one commits, holding back
     /// commands on the aggregates (and keys, steps) still in flight. 1 commits one batch at
     /// a time.
-    #[arg(long, env = "COMMAND_PIPELINE_DEPTH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    #[arg(long, env = "COMMAND_PIPELINE_DEPTH", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=8))]
     pub command_pipeline_depth: u16,
 
     /// Most commands waiting for one writer beside the batch it commits; more are refused

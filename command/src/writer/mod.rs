@@ -10,6 +10,12 @@
 //! is idle commits a single command at once; under load, commands queue while the previous
 //! statement runs, and the next statement carries them all.
 //!
+//! A writer may have `pipeline_depth` batches committing at once (default 2): while one
+//! statement runs, the next batch is decided and sent on another connection. A command
+//! whose aggregate, idempotency key or transfer step is in a batch still committing waits
+//! for that batch, so it is decided on what that batch left, and in-flight batches never
+//! share an aggregate.
+//!
 //! The cache is never trusted for what it cannot prove:
 //! - appends name the sequence numbers they build on, so a stale entry (another process
 //!   wrote the aggregate) hits the events' primary key and the whole statement fails; the
@@ -90,7 +96,7 @@ impl Default for WriterConfig {
         Self {
             writers: 1,
             batch_max: 256,
-            pipeline_depth: 1,
+            pipeline_depth: 2,
             cache_capacity: 100_000,
             snapshot_every: 100,
             queue_max: 512,

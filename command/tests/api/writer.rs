@@ -179,7 +179,9 @@ async fn duplicates_under_one_key_never_share_a_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_answered_503_with_retry_after_and_nothing_is_queued() {
-    let app = spawn_app_with(&["--command-queue-max", "1"]).await;
+    // One batch at a time, so that one stuck statement is a stuck writer (with a pipeline,
+    // the writer would go on committing other accounts' batches beside it).
+    let app = spawn_app_with(&["--command-queue-max", "1", "--command-pipeline-depth", "1"]).await;
     let (blocked, other) = (app.new_account().await, app.new_account().await);
     // The writer is stuck: its statement waits on a rival holding the blocked account's
     // version 2.
@@ -245,22 +247,24 @@ async fn a_command_whose_caller_has_gone_before_it_started_is_never_committed() 
     assert!(futures::poll!(&mut stuck).is_pending());
     wait_for_lock_waiter(&app.pool).await;
 
-    // Queued behind the stuck batch (one poll enqueues it), then its caller goes away, as a
-    // request timeout or a dropped connection drops the handler.
-    let mut gone = Box::pin(ledger.execute(deposit(target, 50)));
+    // Queued behind the stuck batch (one poll enqueues it; its account is in that batch, so
+    // even a pipelined writer holds it back), then its caller goes away, as a request
+    // timeout or a dropped connection drops the handler.
+    let mut gone = Box::pin(ledger.execute(deposit(blocked, 50)));
     assert!(futures::poll!(&mut gone).is_pending());
     drop(gone);
 
     tx.rollback().await.unwrap();
     stuck.await.unwrap();
     // Queued after the abandoned command, so answered only once it has been dealt with.
-    let later = ledger.execute(deposit(target, 1)).await.unwrap();
+    let later = ledger.execute(deposit(blocked, 1)).await.unwrap();
     assert_eq!(
-        later.state.balance, 1,
+        later.state.balance, 6,
         "the abandoned deposit was committed"
     );
-    assert_eq!(app.balance_from_events(target).await, 1);
-    assert_eq!(app.events_of(target).await.len(), 2);
+    assert_eq!(app.balance_from_events(blocked).await, 6);
+    assert_eq!(app.events_of(blocked).await.len(), 3);
+    assert_eq!(app.events_of(target).await.len(), 1);
 }
 
 /// A deposit of `amount` into `account` with the given metadata.
