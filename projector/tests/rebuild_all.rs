@@ -421,13 +421,24 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let one = rebuild::rebuild(&pool, names::OWNER_TOTALS, 50, false, |_| {}).await;
+    // Bounded: a rebuild let through would wait for the held store.
+    let bounded = Duration::from_secs(30);
+    let one = tokio::time::timeout(
+        bounded,
+        rebuild::rebuild(&pool, names::OWNER_TOTALS, 50, false, |_| {}),
+    )
+    .await
+    .expect("refused at once, not let through");
     assert!(
         matches!(&one, Err(OpError::AlreadyRunning(p)) if p == names::OWNER_TOTALS),
         "{one:?}"
     );
-    let second =
-        rebuild::rebuild_many(&pool, &["transfers,account_statement"], 50, |_, _| {}).await;
+    let second = tokio::time::timeout(
+        bounded,
+        rebuild::rebuild_many(&pool, &["transfers,account_statement"], 50, |_, _| {}),
+    )
+    .await
+    .expect("refused at once, not let through");
     assert!(
         matches!(&second, Err(OpError::AlreadyRunning(p)) if p == names::ACCOUNT_STATEMENT),
         "{second:?}"
