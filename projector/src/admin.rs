@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::ops::{self, dead_letters, overview, rebuild, replay, OpError};
+use crate::ops::{dead_letters, overview, rebuild, replay, OpError};
 
 /// A rebuild started over the API, as its progress is reported.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -32,6 +32,10 @@ pub struct Job {
     pub progress: rebuild::Progress,
     /// The report once finished.
     pub report: Option<rebuild::Report>,
+    /// A rebuild of several projections in one pass (`all`, or names separated by commas):
+    /// each one's report once finished (each also has its own job, under its name).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<rebuild::Report>,
     /// The error, if it failed.
     pub error: Option<String>,
 }
@@ -139,7 +143,10 @@ async fn start_rebuild(
     Path(name): Path<String>,
     Query(query): Query<RebuildQuery>,
 ) -> Result<Response, Problem> {
-    ops::known(&name).map_err(problem)?;
+    let selected = rebuild::selection(&name).map_err(problem)?;
+    if selected.len() > 1 {
+        return start_rebuild_in_one_pass(state, name, selected, query.dry_run);
+    }
     {
         let mut jobs = state.jobs.lock().map_err(|_| Problem::internal())?;
         if jobs.get(&name).is_some_and(|j| j.running) {
@@ -195,11 +202,106 @@ async fn start_rebuild(
         .into_response())
 }
 
+/// `POST /admin/projections/all/rebuild` (or several names separated by commas): one pass
+/// over the log for all of them (ADR 0018). Each projection's job shows its own progress
+/// and report; the job under `name` shows the slowest one's progress and all the reports.
+fn start_rebuild_in_one_pass(
+    state: AdminState,
+    name: String,
+    selected: Vec<&'static str>,
+    dry_run: bool,
+) -> Result<Response, Problem> {
+    if dry_run {
+        return Err(problem(OpError::Invalid(
+            "a dry run compares one projection at a time: name one".into(),
+        )));
+    }
+    {
+        let mut jobs = state.jobs.lock().map_err(|_| Problem::internal())?;
+        if let Some(running) = std::iter::once(name.as_str())
+            .chain(selected.iter().copied())
+            .find(|n| jobs.get(*n).is_some_and(|j| j.running))
+        {
+            return Err(problem(OpError::AlreadyRunning(running.to_owned())));
+        }
+        for job in std::iter::once(name.as_str()).chain(selected.iter().copied()) {
+            jobs.insert(
+                job.to_owned(),
+                Job {
+                    running: true,
+                    ..Job::default()
+                },
+            );
+        }
+    }
+    let jobs = state.jobs.clone();
+    let pool = state.pool.clone();
+    let batch_size = state.batch_size;
+    let all = name.clone();
+    let projections = selected.clone();
+    let projections_started = selected.clone();
+    tokio::spawn(async move {
+        let progress_jobs = jobs.clone();
+        let progress_all = all.clone();
+        let watched = projections.clone();
+        let result = rebuild::rebuild_many(
+            &pool,
+            &projections,
+            batch_size,
+            move |projection, progress| {
+                if let Ok(mut jobs) = progress_jobs.lock() {
+                    if let Some(job) = jobs.get_mut(projection) {
+                        job.progress = progress;
+                    }
+                    let slowest = watched
+                        .iter()
+                        .filter_map(|p| jobs.get(*p).map(|j| j.progress))
+                        .min_by_key(|p| p.events);
+                    if let (Some(slowest), Some(job)) = (slowest, jobs.get_mut(&progress_all)) {
+                        job.progress = slowest;
+                    }
+                }
+            },
+        )
+        .await;
+        if let Ok(mut jobs) = jobs.lock() {
+            match result {
+                Ok(reports) => {
+                    for report in &reports {
+                        if let Some(job) = jobs.get_mut(&report.projection) {
+                            job.running = false;
+                            job.progress = report.progress;
+                            job.report = Some(report.clone());
+                        }
+                    }
+                    if let Some(job) = jobs.get_mut(&all) {
+                        job.running = false;
+                        job.reports = reports;
+                    }
+                }
+                Err(err) => {
+                    for job in std::iter::once(all.as_str()).chain(selected.iter().copied()) {
+                        if let Some(job) = jobs.get_mut(job) {
+                            job.running = false;
+                            job.error = Some(err.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"projection": name, "projections": projections_started, "started": true, "dry_run": false})),
+    )
+        .into_response())
+}
+
 async fn rebuild_job(
     State(state): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Job>, Problem> {
-    ops::known(&name).map_err(problem)?;
+    rebuild::selection(&name).map_err(problem)?;
     let job = state
         .jobs
         .lock()

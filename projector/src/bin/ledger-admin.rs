@@ -37,7 +37,8 @@ enum Command {
     Status,
     /// Build PROJECTION afresh from the event store beside the live one, then swap it in.
     Rebuild {
-        /// account_summary, account_statement, owner_totals or transfers.
+        /// account_summary, account_statement, owner_totals or transfers; `all`, or several
+        /// separated by commas, rebuilds them in one pass over the log (not with --dry-run).
         projection: String,
         /// Build the copy and report how it differs from the live model; change nothing.
         #[arg(long)]
@@ -189,6 +190,20 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                     println!("* built by another version of the code: rebuild it");
                 }
             });
+        }
+        Command::Rebuild {
+            projection,
+            dry_run,
+            differences,
+            batch_size,
+        } if rebuild::selection(projection)?.len() > 1 => {
+            if *dry_run {
+                return Err(ops::OpError::Invalid(
+                    "--dry-run compares one projection at a time: name one".into(),
+                ));
+            }
+            let selected = rebuild::selection(projection)?;
+            rebuild_in_one_pass(pool, &selected, *batch_size, cli.json).await?;
         }
         Command::Rebuild {
             projection,
@@ -408,5 +423,56 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
             }
         },
     }
+    Ok(())
+}
+
+/// `ledger-admin rebuild all` (or several names): one pass over the log for all of them,
+/// with a progress bar per projection.
+async fn rebuild_in_one_pass(
+    pool: &sqlx::PgPool,
+    selected: &[&'static str],
+    batch_size: i64,
+    json: bool,
+) -> Result<(), ops::OpError> {
+    let bars = (std::io::stderr().is_terminal() && !json).then(|| {
+        let multi = indicatif::MultiProgress::new();
+        let style = ProgressStyle::with_template(
+            "{spinner} {msg:<18} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bars: Vec<(&str, ProgressBar)> = selected
+            .iter()
+            .map(|name| {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_message(*name);
+                (*name, bar)
+            })
+            .collect();
+        bars
+    });
+    let on_progress = |name: &str, progress: rebuild::Progress| {
+        if let Some(bar) = bars
+            .iter()
+            .flatten()
+            .find_map(|(n, bar)| (*n == name).then_some(bar))
+        {
+            bar.set_length(u64::try_from(progress.total).unwrap_or(0));
+            bar.set_position(u64::try_from(progress.events).unwrap_or(0));
+        }
+    };
+    let reports = rebuild::rebuild_many(pool, selected, batch_size, on_progress).await?;
+    for (_, bar) in bars.iter().flatten() {
+        bar.finish_and_clear();
+    }
+    print(json, &reports, |reports| {
+        for report in reports {
+            println!(
+                "{} rebuilt from {} events (up to position {}) and swapped in",
+                report.projection, report.progress.events, report.progress.position
+            );
+        }
+    });
     Ok(())
 }

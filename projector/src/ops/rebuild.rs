@@ -1,15 +1,24 @@
-//! Rebuilding a projection without downtime.
+//! Rebuilding projections without downtime.
 //!
-//! The shadow copy lives in schema `rebuild_<projection>`: the projection's tables plus its
-//! own guards, checkpoint and dead letters, created `LIKE` the live ones. Events are read
-//! from the event store (the source of truth) in commit-safe order and applied with the
-//! very code the live projector uses ([`apply_events`], batch by batch), by running it with
-//! `search_path` set to the shadow schema first. Each batch commits with the shadow's cursor, so a rebuild killed half way
-//! resumes where it stopped. The swap is one transaction: lock the live tables (the live
-//! projector and readers wait a moment), apply what arrived since, replace the live tables
-//! and guards with the shadow's, record the projection's version, drop the shadow. Readers
-//! see the old model or the new one, never a half-built one. A session advisory lock
-//! refuses a second rebuild of the same projection.
+//! The shadow copy of a projection lives in schema `rebuild_<projection>`: the projection's
+//! tables plus its own guards, checkpoint and dead letters, created `LIKE` the live ones.
+//! Events are read from the event store (the source of truth) in commit-safe order and
+//! applied with the very code the live projector uses ([`apply_decoded`], batch by batch),
+//! by running it with `search_path` set to the shadow schema first. Each batch commits with
+//! the shadow's cursor, so a rebuild killed half way resumes where it stopped.
+//!
+//! Several projections rebuild in ONE pass over the log ([`rebuild_many`], ADR 0018): the
+//! log is read once, a batch ahead of the one being applied (on a connection of its own),
+//! each batch's payloads are decoded once, and the batch is applied to every shadow at
+//! once, each on its own connection in its own transaction with its own cursor. A rebuild
+//! of one projection is the same pass with one shadow.
+//!
+//! The swap is one transaction per projection: lock the live tables (the live projector
+//! and readers wait a moment), apply what arrived since, replace the live tables and guards
+//! with the shadow's, record the projection's version, drop the shadow. Readers see the old
+//! model or the new one, never a half-built one. A session advisory lock per projection
+//! refuses a second rebuild of the same projection; a pass takes all of its projections'
+//! locks, in [`names::ALL`] order, or refuses to start.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +30,7 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use super::{known, OpError};
-use crate::apply::{apply_events, Applied, Origin};
+use crate::apply::{apply_decoded, apply_events, Applied, Decoded, Origin};
 
 /// Where a rebuild is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -139,14 +148,54 @@ pub async fn rebuild(
     projection: &str,
     batch_size: i64,
     dry_run: bool,
-    on_progress: impl FnMut(Progress) + Send,
+    mut on_progress: impl FnMut(Progress) + Send,
 ) -> Result<Report, OpError> {
     let mode = if dry_run {
         Mode::DryRun(&mut |_: Difference<'_>| {})
     } else {
         Mode::Swap
     };
-    run_locked(pool, projection, batch_size, mode, on_progress).await
+    let mut reports = run_locked(pool, &[projection], batch_size, mode, &mut |_, progress| {
+        on_progress(progress);
+    })
+    .await?;
+    reports
+        .pop()
+        .ok_or_else(|| OpError::UnknownProjection(projection.to_owned()))
+}
+
+/// The projections an operator names: `all`, or names separated by commas; in
+/// [`names::ALL`] order, each once (the order every lock and swap takes them in).
+pub fn selection(names_given: &str) -> Result<Vec<&'static str>, OpError> {
+    let given: Vec<&str> = names_given.split(',').map(str::trim).collect();
+    if given == ["all"] {
+        return Ok(names::ALL.to_vec());
+    }
+    for name in &given {
+        known(name)?;
+    }
+    Ok(names::ALL
+        .into_iter()
+        .filter(|name| given.contains(name))
+        .collect())
+}
+
+/// Rebuilds several projections in ONE pass over the log (ADR 0018): each batch is read
+/// once (the next one read meanwhile on its own connection), its payloads decoded once, and
+/// applied to every projection's shadow concurrently, each in its own transaction on its
+/// own connection with its own checkpoint (so each resumes on its own after a kill). Once
+/// the pass reaches the store's head, the shadows are swapped in one after the other, each
+/// in its own transaction as [`rebuild`] does. Takes every projection's lock first, in
+/// [`names::ALL`] order, and refuses to start if any is held. `on_progress` is called with
+/// each projection's progress after every batch. A dry run compares one projection at a
+/// time: use [`dry_run`].
+pub async fn rebuild_many(
+    pool: &PgPool,
+    projections: &[&str],
+    batch_size: i64,
+    mut on_progress: impl FnMut(&str, Progress) + Send,
+) -> Result<Vec<Report>, OpError> {
+    run_locked(pool, projections, batch_size, Mode::Swap, &mut on_progress).await
 }
 
 /// Builds a shadow of `projection` and compares it with the live model without changing
@@ -161,17 +210,20 @@ pub async fn dry_run(
     pool: &PgPool,
     projection: &str,
     batch_size: i64,
-    on_progress: impl FnMut(Progress) + Send,
+    mut on_progress: impl FnMut(Progress) + Send,
     on_difference: &mut (dyn FnMut(Difference<'_>) + Send),
 ) -> Result<Report, OpError> {
-    run_locked(
+    let mut reports = run_locked(
         pool,
-        projection,
+        &[projection],
         batch_size,
         Mode::DryRun(on_difference),
-        on_progress,
+        &mut |_, progress| on_progress(progress),
     )
-    .await
+    .await?;
+    reports
+        .pop()
+        .ok_or_else(|| OpError::UnknownProjection(projection.to_owned()))
 }
 
 /// What to do with the shadow once built.
@@ -180,123 +232,277 @@ enum Mode<'a> {
     DryRun(&'a mut (dyn FnMut(Difference<'_>) + Send)),
 }
 
+/// Batches read ahead of the one being applied.
+const READ_AHEAD: usize = 2;
+
 async fn run_locked(
     pool: &PgPool,
-    projection: &str,
+    projections: &[&str],
     batch_size: i64,
     mode: Mode<'_>,
-    mut on_progress: impl FnMut(Progress) + Send,
-) -> Result<Report, OpError> {
-    let tables = known(projection)?;
-    let schema = shadow_schema(projection);
-
-    // One rebuild per projection at a time, held for the whole run.
-    let mut lock = pool.acquire().await?.detach();
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-        .bind(format!("ledger-rebuild:{projection}"))
-        .fetch_one(&mut lock)
-        .await?;
-    if !locked {
-        return Err(OpError::AlreadyRunning(projection.to_owned()));
+    on_progress: &mut (dyn FnMut(&str, Progress) + Send),
+) -> Result<Vec<Report>, OpError> {
+    let mut selected = Vec::new();
+    for projection in projections {
+        selected.extend(selection(projection)?);
+    }
+    let selected: Vec<&'static str> = names::ALL
+        .into_iter()
+        .filter(|name| selected.contains(name))
+        .collect();
+    if selected.is_empty() {
+        return Err(OpError::Invalid("no projection named".into()));
+    }
+    if matches!(mode, Mode::DryRun(_)) && selected.len() != 1 {
+        return Err(OpError::Invalid(
+            "a dry run compares one projection at a time".into(),
+        ));
     }
 
-    let result = run(
-        pool,
-        projection,
-        tables,
-        &schema,
-        batch_size,
-        mode,
-        &mut on_progress,
-    )
-    .await;
+    // One rebuild per projection at a time, held for the whole run: every lock taken on one
+    // connection of its own, in `names::ALL` order, or none (closing it releases them).
+    let options = pool.connect_options();
+    let mut lock = PgConnection::connect_with(&options).await?;
+    for projection in &selected {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(format!("ledger-rebuild:{projection}"))
+            .fetch_one(&mut lock)
+            .await?;
+        if !locked {
+            let _ = lock.close().await;
+            return Err(OpError::AlreadyRunning((*projection).to_owned()));
+        }
+    }
+
+    // Connections of its own: the read ahead, one per shadow, one for the swap's reads; so
+    // a rebuild never starves the pool of the process it runs in (the projector's admin API).
+    let connections = u32::try_from(selected.len()).unwrap_or(4) + 2;
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_lazy_with((*options).clone());
+    let result = run(&own, &selected, batch_size, mode, on_progress).await;
+    own.close().await;
     let _ = lock.close().await;
     result
 }
 
+/// One projection's shadow, as the pass builds it.
+struct Shadow {
+    projection: &'static str,
+    tables: &'static [&'static str],
+    schema: String,
+    /// The last event applied to it.
+    cursor: LogCursor,
+    /// Events read for it so far (including before a resume).
+    events: i64,
+}
+
+impl Shadow {
+    fn progress(&self, total: i64) -> Progress {
+        Progress {
+            events: self.events,
+            total: total.max(self.events),
+            position: self.cursor.global_position,
+        }
+    }
+}
+
 async fn run(
     pool: &PgPool,
-    projection: &str,
-    tables: &[&str],
-    schema: &str,
+    selected: &[&'static str],
     batch_size: i64,
     mode: Mode<'_>,
-    on_progress: &mut (impl FnMut(Progress) + Send),
-) -> Result<Report, OpError> {
-    create_shadow(pool, schema, tables).await?;
-    let (total, _) = ledger_store::head(pool).await?;
-    let (mut cursor, mut events) = shadow_cursor(pool, schema, projection).await?;
-    let mut progress = Progress {
-        events,
-        total,
-        position: cursor.global_position,
-    };
-    on_progress(progress);
-    loop {
-        let batch = ledger_store::read_after(pool, cursor, batch_size).await?;
-        if batch.is_empty() {
-            break;
-        }
-        let mut conn = pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        use_schema(&mut tx, schema).await?;
-        let applied = apply_batch(&mut tx, projection, &batch).await?;
-        let last = batch.last().map_or(cursor, |e| e.cursor);
-        save_cursor(&mut tx, projection, last, applied).await?;
-        tx.commit().await?;
-        cursor = last;
-        events += applied;
-        progress = Progress {
-            events,
-            total: total.max(events),
-            position: cursor.global_position,
-        };
-        on_progress(progress);
-    }
-
-    let mut report = Report {
-        projection: projection.to_owned(),
-        progress,
-        ..Report::default()
-    };
-    if let Mode::DryRun(on_difference) = mode {
-        let compared = compare(
-            pool,
+    on_progress: &mut (dyn FnMut(&str, Progress) + Send),
+) -> Result<Vec<Report>, OpError> {
+    let mut shadows = Vec::with_capacity(selected.len());
+    for &projection in selected {
+        let tables = known(projection)?;
+        let schema = shadow_schema(projection);
+        create_shadow(pool, &schema, tables).await?;
+        let (cursor, events) = shadow_cursor(pool, &schema, projection).await?;
+        shadows.push(Shadow {
             projection,
             tables,
             schema,
             cursor,
-            &mut report,
-            on_difference,
-        )
-        .await;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(pool)
-            .await?;
-        compared?;
-        return Ok(report);
+            events,
+        });
     }
-    // A swap waits for the live projector's batches; should PostgreSQL still break a lock
-    // cycle (or a lock wait time out), the whole swap rolls back and is tried again.
+    let (total, _) = ledger_store::head(pool).await?;
+    load(pool, &mut shadows, total, batch_size, on_progress).await?;
+
+    let mut reports = Vec::with_capacity(shadows.len());
+    if let Mode::DryRun(on_difference) = mode {
+        for shadow in &shadows {
+            let mut report = Report {
+                projection: shadow.projection.to_owned(),
+                progress: shadow.progress(total),
+                ..Report::default()
+            };
+            let compared = compare(
+                pool,
+                shadow.projection,
+                shadow.tables,
+                &shadow.schema,
+                shadow.cursor,
+                &mut report,
+                &mut *on_difference,
+            )
+            .await;
+            sqlx::query(&format!("DROP SCHEMA {} CASCADE", shadow.schema))
+                .execute(pool)
+                .await?;
+            compared?;
+            reports.push(report);
+        }
+        return Ok(reports);
+    }
+    // Each shadow swaps in its own transaction, one after the other (ADR 0018).
+    for shadow in &shadows {
+        let mut report = Report {
+            projection: shadow.projection.to_owned(),
+            progress: shadow.progress(total),
+            ..Report::default()
+        };
+        swap_with_retries(pool, shadow, &mut report).await?;
+        report.swapped = true;
+        on_progress(shadow.projection, report.progress);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The pass: reads the log from the earliest shadow's cursor to the head, a batch ahead of
+/// the one being applied, and applies each batch to every shadow still behind it.
+async fn load(
+    pool: &PgPool,
+    shadows: &mut [Shadow],
+    total: i64,
+    batch_size: i64,
+    on_progress: &mut (dyn FnMut(&str, Progress) + Send),
+) -> Result<(), OpError> {
+    for shadow in shadows.iter() {
+        on_progress(shadow.projection, shadow.progress(total));
+    }
+    let start = shadows.iter().map(|s| s.cursor).min().unwrap_or_default();
+    let mut batches = ReadAhead::start(pool.clone(), start, batch_size);
+    while let Some(batch) = batches.next().await {
+        let batch = batch?;
+        let decoded = Decoded::of(batch.iter().map(|entry| &entry.event));
+        let applied = futures::future::try_join_all(
+            shadows
+                .iter()
+                .map(|shadow| apply_to_shadow(pool, shadow, &batch, &decoded)),
+        )
+        .await?;
+        for (shadow, applied) in shadows.iter_mut().zip(applied) {
+            if let Some((cursor, events)) = applied {
+                shadow.cursor = cursor;
+                shadow.events += events;
+                on_progress(shadow.projection, shadow.progress(total));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies the entries of `batch` past `shadow`'s cursor to it, with its cursor, in one
+/// transaction of its own; returns its new cursor and how many events it took.
+async fn apply_to_shadow(
+    pool: &PgPool,
+    shadow: &Shadow,
+    batch: &[ledger_store::LogEntry],
+    decoded: &Decoded<'_>,
+) -> Result<Option<(LogCursor, i64)>, sqlx::Error> {
+    let rest = &batch[batch.partition_point(|entry| entry.cursor <= shadow.cursor)..];
+    let Some(last) = rest.last().map(|entry| entry.cursor) else {
+        return Ok(None);
+    };
+    let mut tx = pool.begin().await?;
+    use_schema(&mut tx, &shadow.schema).await?;
+    let applied = apply_batch(&mut tx, shadow.projection, rest, decoded).await?;
+    save_cursor(&mut tx, shadow.projection, last, applied).await?;
+    tx.commit().await?;
+    Ok(Some((last, applied)))
+}
+
+/// The log read a batch ahead, on a connection of its own, into a channel of
+/// [`READ_AHEAD`] batches: batch n+1 is read while batch n is applied. The reading task
+/// ends at the head, on an error (handed over as the last item), or when this is dropped.
+struct ReadAhead {
+    batches: tokio::sync::mpsc::Receiver<Result<Vec<ledger_store::LogEntry>, sqlx::Error>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ReadAhead {
+    fn start(pool: PgPool, mut cursor: LogCursor, batch_size: i64) -> Self {
+        let (sender, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reader = tokio::spawn(async move {
+            loop {
+                let batch = ledger_store::read_after(&pool, cursor, batch_size).await;
+                let next = match &batch {
+                    Ok(entries) => match entries.last() {
+                        Some(last) => Some(last.cursor),
+                        None => break,
+                    },
+                    Err(_) => None,
+                };
+                if sender.send(batch).await.is_err() {
+                    break;
+                }
+                match next {
+                    Some(next) => cursor = next,
+                    None => break,
+                }
+            }
+        });
+        Self { batches, reader }
+    }
+
+    async fn next(&mut self) -> Option<Result<Vec<ledger_store::LogEntry>, sqlx::Error>> {
+        self.batches.recv().await
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The swap (see [`swap`]), tried again when PostgreSQL rolled it back for a lock conflict:
+/// a swap waits for the live projector's batches; should PostgreSQL still break a lock
+/// cycle (or a lock wait time out), the whole swap rolls back and is tried again.
+async fn swap_with_retries(
+    pool: &PgPool,
+    shadow: &Shadow,
+    report: &mut Report,
+) -> Result<(), sqlx::Error> {
     let mut backoff = std::time::Duration::from_millis(50);
     let mut attempt = 1;
     loop {
         let before = report.progress;
-        match swap(pool, projection, tables, schema, cursor, &mut report).await {
-            Ok(()) => break,
+        match swap(
+            pool,
+            shadow.projection,
+            shadow.tables,
+            &shadow.schema,
+            shadow.cursor,
+            report,
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
             Err(err) if is_lock_conflict(&err) && attempt < SWAP_ATTEMPTS => {
-                tracing::warn!(projection, attempt, error = %err, "swap rolled back; trying again");
+                tracing::warn!(projection = shadow.projection, attempt, error = %err, "swap rolled back; trying again");
                 report.progress = before;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
                 attempt += 1;
             }
-            Err(err) => return Err(err.into()),
+            Err(err) => return Err(err),
         }
     }
-    report.swapped = true;
-    on_progress(report.progress);
-    Ok(report)
 }
 
 /// How often a swap PostgreSQL rolled back for a lock conflict is tried.
@@ -368,6 +574,7 @@ async fn apply_batch(
     tx: &mut PgConnection,
     projection: &str,
     batch: &[ledger_store::LogEntry],
+    decoded: &Decoded<'_>,
 ) -> Result<i64, sqlx::Error> {
     let mut outcome = Applied::default();
     let events: Vec<_> = batch
@@ -388,7 +595,7 @@ async fn apply_batch(
     let mut rest = events.as_slice();
     while let Some(at) = rest.iter().position(|(e, _)| skipped.contains(&e.event_id)) {
         let (before, after) = rest.split_at(at);
-        apply_events(tx, &[projection], before, &mut outcome).await?;
+        apply_decoded(tx, &[projection], before, decoded, &mut outcome).await?;
         let (event, _) = after[0];
         if names::handles(projection, &event.aggregate_type) {
             let id = event.aggregate_id.as_str();
@@ -404,7 +611,7 @@ async fn apply_batch(
         }
         rest = &after[1..];
     }
-    apply_events(tx, &[projection], rest, &mut outcome).await?;
+    apply_decoded(tx, &[projection], rest, decoded, &mut outcome).await?;
     Ok(i64::try_from(batch.len()).unwrap_or(i64::MAX))
 }
 
@@ -442,7 +649,8 @@ async fn catch_up_shadow(
         let Some(last) = batch.last().map(|e| e.cursor) else {
             break;
         };
-        let applied = apply_batch(tx, projection, &batch).await?;
+        let decoded = Decoded::of(batch.iter().map(|entry| &entry.event));
+        let applied = apply_batch(tx, projection, &batch, &decoded).await?;
         save_cursor(tx, projection, last, applied).await?;
         cursor = last;
         report.progress.events += applied;
