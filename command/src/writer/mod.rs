@@ -325,7 +325,10 @@ where
                     }
                     None => {}
                 },
-                job = queue.recv(), if room && !closed => match job {
+                // Only while fewer than a batch are held back, so that commands waiting on
+                // a committing aggregate stay in the bounded queue (and a full queue still
+                // refuses at once) instead of piling up here.
+                job = queue.recv(), if room && !closed && held.len() < writer.batch_max => match job {
                     Some(job) => held.push_back(job),
                     None => closed = true,
                 },

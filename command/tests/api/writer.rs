@@ -453,3 +453,54 @@ async fn a_pipelined_writer_commits_other_accounts_while_a_batch_waits_and_holds
     assert_eq!(app.balance_from_events(blocked).await, 0);
     assert_eq!(app.balance_from_events(other).await, 7);
 }
+
+/// With a pipeline, commands waiting for an aggregate that a committing batch holds are
+/// held back by the writer; at most a batch of them, the rest stay in the bounded queue, so
+/// a full queue is still refused at once. (Without the limit the writer drained the queue
+/// into its own unbounded list and nothing was ever refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_writer_holds_back_at_most_a_batch_and_the_queue_bound_still_refuses() {
+    let app = spawn_app_with(&[
+        "--command-queue-max",
+        "1",
+        "--command-batch-max",
+        "1",
+        "--command-pipeline-depth",
+        "2",
+    ])
+    .await;
+    let blocked = app.new_account().await;
+    let mut rival = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = rival.begin().await.unwrap();
+    hold_next_sequence(&mut tx, blocked, 2).await;
+    let stuck = app.spawn_deposit(blocked, 5);
+    wait_for_lock_waiter(&app.pool).await;
+
+    // One is held back by the writer (a batch of 1), one waits in the queue (room for 1),
+    // one is refused.
+    let contenders = [
+        app.spawn_deposit(blocked, 1),
+        app.spawn_deposit(blocked, 1),
+        app.spawn_deposit(blocked, 1),
+    ];
+    eventually(Duration::from_secs(10), "one command to be refused", || {
+        let finished = contenders.iter().filter(|c| c.is_finished()).count();
+        async move { finished > 0 }
+    })
+    .await;
+    let (refused, waiting): (Vec<_>, Vec<_>) =
+        contenders.into_iter().partition(|c| c.is_finished());
+    assert_eq!(refused.len(), 1, "more than the bound was refused");
+    let refused = refused.into_iter().next().unwrap().await.unwrap();
+    refused.assert_problem(503, "overloaded");
+
+    tx.rollback().await.unwrap();
+    assert_eq!(stuck.await.unwrap().status, 200);
+    for waiting in waiting {
+        let answer = waiting.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    assert_eq!(app.balance_from_events(blocked).await, 7);
+}
