@@ -100,6 +100,26 @@ where
     run
 }
 
+/// Writes a wrk script posting deposits of 1 to `ids`, walked with a stride of 7,919 (the
+/// order the peer's driver uses), and returns its path.
+pub fn deposit_script(ids: &[Uuid], name: &str) -> std::path::PathBuf {
+    let script =
+        std::env::temp_dir().join(format!("ledger-bench-{name}-{}.lua", std::process::id()));
+    let list = ids
+        .iter()
+        .map(|id| format!("\"{id}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::write(
+        &script,
+        format!(
+            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
+        ),
+    )
+    .unwrap();
+    script
+}
+
 /// Opens `count` EUR accounts with 1,000,000 in each, straight into the store.
 pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
     let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
@@ -215,20 +235,7 @@ pub async fn commands(accounts: usize, seconds: u64) {
 
     // The HTTP load generator is wrk (as pgbench is the ceiling's): deposits of 1 into the
     // same accounts in the same order as the peer.
-    let script =
-        std::env::temp_dir().join(format!("ledger-bench-deposits-{}.lua", std::process::id()));
-    let list = ids
-        .iter()
-        .map(|id| format!("\"{id}\""))
-        .collect::<Vec<_>>()
-        .join(",");
-    std::fs::write(
-        &script,
-        format!(
-            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
-        ),
-    )
-    .unwrap();
+    let script = deposit_script(&ids, "deposits");
     println!("accounts: {accounts}; {seconds} s per measure");
     println!(
         "{:<44} {:>8} {:>12} {:>9} {:>9} {:>8}",

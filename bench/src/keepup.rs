@@ -19,7 +19,7 @@ use ledger_e2e::broker::Broker;
 use ledger_e2e::services::{migrated_database, wait_until_projected, CommandApi, Projector, Relay};
 use sqlx::PgPool;
 
-use crate::commands::seed;
+use crate::commands::{deposit_script, seed};
 use crate::pipeline::wrk;
 
 /// One second's reading.
@@ -67,20 +67,7 @@ pub async fn keepup(accounts: usize, seconds: u64, clients: usize, drain: u64) {
         .await
         .unwrap();
 
-    let script =
-        std::env::temp_dir().join(format!("ledger-bench-keepup-{}.lua", std::process::id()));
-    let list = ids
-        .iter()
-        .map(|id| format!("\"{id}\""))
-        .collect::<Vec<_>>()
-        .join(",");
-    std::fs::write(
-        &script,
-        format!(
-            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
-        ),
-    )
-    .unwrap();
+    let script = deposit_script(&ids, "keepup");
 
     println!(
         "accounts: {accounts}; {clients} clients (wrk, closed loop) for {seconds} s, then up to {drain} s to drain; relay → Apache Kafka → projector, all on this machine"

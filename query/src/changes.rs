@@ -86,23 +86,15 @@ impl Changes {
     /// Registers a read waiting for changes of `id` (an account or a transfer), until the
     /// returned [`Watch`] is dropped.
     pub fn watch(&self, id: &str) -> Watch {
-        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        let (id, entry) = match waiting.get_key_value(id) {
-            Some((key, _)) => {
-                let key = key.clone();
-                let entry = waiting.get_mut(&key).map(|(notify, watchers)| {
-                    *watchers += 1;
-                    notify.clone()
-                });
-                (key, entry)
-            }
-            None => (Arc::from(id), None),
+        let id: Arc<str> = Arc::from(id);
+        let notify = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            let (notify, watchers) = waiting
+                .entry(id.clone())
+                .or_insert_with(|| (Arc::new(Notify::new()), 0));
+            *watchers += 1;
+            notify.clone()
         };
-        let notify = entry.unwrap_or_else(|| {
-            let notify = Arc::new(Notify::new());
-            waiting.insert(id.clone(), (notify.clone(), 1));
-            notify
-        });
         Watch {
             id,
             notify,
