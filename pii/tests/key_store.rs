@@ -321,6 +321,8 @@ async fn an_erased_key_is_not_loadable_even_from_a_warm_cache() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The listener holds one of the pool's connections: closing the pool waits for it.
+    drop(listener);
     db.drop_database().await;
 }
 
