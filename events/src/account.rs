@@ -16,15 +16,25 @@ pub const ACCOUNT_AGGREGATE_TYPE: &str = "account";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum AccountEvent {
-    /// An account was opened for `owner`, holding money in `currency` only.
-    AccountOpened { owner: String, currency: Currency },
-    /// Money arrived. `reference` (since v2) is the payer's free-text reference.
+    /// An account was opened for the data subject `subject_id`, holding money in `currency`
+    /// only. v2; v1 named the holder in clear (`owner`) and reads as the legacy subject of
+    /// that name ([`crate::subject::legacy_subject_id`]) with `legacy_owner` set.
+    AccountOpened {
+        subject_id: Uuid,
+        currency: Currency,
+        /// The holder's name from a v1 payload, in clear (never written by today's code).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        legacy_owner: Option<String>,
+    },
+    /// Money arrived. `reference` (since v2) is the payer's free-text reference; since v3
+    /// it is ciphertext (`pii1.…`) under the account's subject's key (field `reference`,
+    /// subject in the metadata's `data_subject`). A v2 reference is in clear.
     MoneyDeposited {
         amount: Amount,
         currency: Currency,
         reference: Option<String>,
     },
-    /// Money left. `reference` (since v2) is the free-text reference.
+    /// Money left. `reference` as in [`AccountEvent::MoneyDeposited`].
     MoneyWithdrawn {
         amount: Amount,
         currency: Currency,
@@ -121,14 +131,15 @@ impl AccountEvent {
     /// The schema version today's code writes for this event type.
     pub fn current_version(event_type: &str) -> Option<&'static str> {
         match event_type {
-            Self::OPENED
-            | Self::CLOSED
+            // v2 replaced `owner` by `subject_id`.
+            Self::OPENED => Some("2"),
+            Self::CLOSED
             | Self::TRANSFER_SENT
             | Self::TRANSFER_RECEIVED
             | Self::TRANSFER_REFUNDED
             | Self::TRANSFER_SETTLED => Some("1"),
-            // v2 added `reference`.
-            Self::DEPOSITED | Self::WITHDRAWN => Some("2"),
+            // v2 added `reference`; v3 encrypts it.
+            Self::DEPOSITED | Self::WITHDRAWN => Some("3"),
             _ => None,
         }
     }
@@ -168,13 +179,13 @@ mod tests {
             serde_json::from_value::<AccountEvent>(payload).unwrap(),
             event
         );
-        assert_eq!(event.event_version(), "2");
+        assert_eq!(event.event_version(), "3");
     }
 
     #[test]
     fn every_event_type_has_a_current_version() {
         let events = [
-            json!({"type": "AccountOpened", "owner": "a", "currency": "EUR"}),
+            json!({"type": "AccountOpened", "subject_id": Uuid::nil(), "currency": "EUR"}),
             json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null}),
             json!({"type": "MoneyWithdrawn", "amount": 1, "currency": "EUR", "reference": null}),
             json!({"type": "AccountClosed"}),

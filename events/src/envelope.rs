@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::account::{AccountEvent, ACCOUNT_AGGREGATE_TYPE};
 use crate::metadata::Metadata;
+use crate::subject::{SubjectEvent, SUBJECT_AGGREGATE_TYPE};
 use crate::transfer::{TransferEvent, TRANSFER_AGGREGATE_TYPE};
 use crate::upcast::upcasters;
 
@@ -72,6 +73,8 @@ pub enum LedgerEvent {
     Account(AccountEvent),
     /// A transfer event.
     Transfer(TransferEvent),
+    /// A data subject event.
+    Subject(SubjectEvent),
 }
 
 impl RecordedEvent {
@@ -80,6 +83,7 @@ impl RecordedEvent {
         match self.aggregate_type.as_str() {
             ACCOUNT_AGGREGATE_TYPE => self.decode_account().map(LedgerEvent::Account),
             TRANSFER_AGGREGATE_TYPE => self.decode_transfer().map(LedgerEvent::Transfer),
+            SUBJECT_AGGREGATE_TYPE => self.decode_subject().map(LedgerEvent::Subject),
             other => Err(DecodeError::UnknownAggregate(other.to_owned())),
         }
     }
@@ -99,6 +103,15 @@ impl RecordedEvent {
             TRANSFER_AGGREGATE_TYPE,
             TransferEvent::current_version,
             TransferEvent::type_name,
+        )
+    }
+
+    /// Reads a data subject event through the upcaster chain.
+    pub fn decode_subject(&self) -> Result<SubjectEvent, DecodeError> {
+        self.decode_as(
+            SUBJECT_AGGREGATE_TYPE,
+            SubjectEvent::current_version,
+            SubjectEvent::type_name,
         )
     }
 
@@ -194,6 +207,53 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_account_opened_reads_as_its_owners_legacy_subject() {
+        let v1 = recorded(
+            "AccountOpened",
+            "1",
+            json!({"type": "AccountOpened", "owner": "Ada Lovelace", "currency": "EUR"}),
+        );
+        assert_eq!(
+            v1.decode_account().unwrap(),
+            AccountEvent::AccountOpened {
+                subject_id: crate::subject::legacy_subject_id("Ada Lovelace"),
+                currency: "EUR".parse().unwrap(),
+                legacy_owner: Some("Ada Lovelace".into()),
+            }
+        );
+        let v2 = recorded(
+            "AccountOpened",
+            "2",
+            json!({"type": "AccountOpened", "subject_id": Uuid::nil(), "currency": "EUR"}),
+        );
+        assert_eq!(
+            v2.decode_account().unwrap(),
+            AccountEvent::AccountOpened {
+                subject_id: Uuid::nil(),
+                currency: "EUR".parse().unwrap(),
+                legacy_owner: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_v2_deposit_with_a_reference_in_clear_still_reads() {
+        let v2 = recorded(
+            "MoneyDeposited",
+            "2",
+            json!({"type": "MoneyDeposited", "amount": 5, "currency": "EUR", "reference": "inv 7"}),
+        );
+        assert_eq!(
+            v2.decode_account().unwrap(),
+            AccountEvent::MoneyDeposited {
+                amount: Amount::new(5).unwrap(),
+                currency: "EUR".parse().unwrap(),
+                reference: Some("inv 7".into()),
+            }
+        );
+    }
+
+    #[test]
     fn unknown_types_future_versions_and_bad_payloads_are_told_apart() {
         let unknown = recorded("MoneyTeleported", "1", json!({"type": "MoneyTeleported"}));
         assert!(matches!(
@@ -203,7 +263,7 @@ mod tests {
 
         let future = recorded(
             "MoneyDeposited",
-            "3",
+            "4",
             json!({"type": "MoneyDeposited", "amount": 1, "currency": "EUR", "reference": null}),
         );
         assert!(matches!(
@@ -213,7 +273,7 @@ mod tests {
 
         let negative = recorded(
             "MoneyDeposited",
-            "2",
+            "3",
             json!({"type": "MoneyDeposited", "amount": -1, "currency": "EUR", "reference": null}),
         );
         assert!(matches!(

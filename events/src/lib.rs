@@ -10,6 +10,8 @@
 //! - [`account`]: the account events ([`AccountEvent`]), their type names and schema versions.
 //! - [`transfer`]: the transfer events ([`TransferEvent`]) and the money-moving steps of a
 //!   transfer ([`TransferStep`]), each taken at most once.
+//! - [`subject`]: data subjects ([`SubjectEvent`]), the people accounts belong to; their
+//!   personal data is encrypted per subject (ADR 0019).
 //! - [`metadata`]: what travels with every event besides its payload (request, correlation
 //!   and causation ids, idempotency key).
 //! - [`envelope`]: [`RecordedEvent`], an event as stored: id, aggregate, per-aggregate
@@ -28,6 +30,7 @@ pub mod envelope;
 pub mod kafka;
 pub mod metadata;
 pub mod money;
+pub mod subject;
 pub mod transfer;
 pub mod upcast;
 
@@ -35,4 +38,5 @@ pub use account::{AccountEvent, ACCOUNT_AGGREGATE_TYPE};
 pub use envelope::{DecodeError, LedgerEvent, RecordedEvent};
 pub use metadata::Metadata;
 pub use money::{Amount, AmountError, Currency, CurrencyError};
+pub use subject::{SubjectEvent, SUBJECT_AGGREGATE_TYPE};
 pub use transfer::{TransferEvent, TransferStep, TRANSFER_AGGREGATE_TYPE};

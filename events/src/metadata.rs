@@ -41,6 +41,11 @@ pub struct Metadata {
     /// at most once, whichever aggregate takes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_step: Option<String>,
+    /// The data subject whose key encrypts the event's personal fields (`pii1.…` values),
+    /// when it has any and is not itself a subject event: the reader decrypts without a
+    /// look-up, and the relay names it in the Kafka headers. An id, never a name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_subject: Option<String>,
     /// Any other keys, preserved as they are.
     #[serde(flatten)]
     pub extra: HashMap<String, String>,
@@ -59,6 +64,7 @@ impl Metadata {
             ("request_hash", &self.request_hash),
             ("command_id", &self.command_id),
             ("transfer_step", &self.transfer_step),
+            ("data_subject", &self.data_subject),
         ];
         for (key, value) in fields {
             if let Some(value) = value {
@@ -87,6 +93,7 @@ impl Metadata {
             request_hash: map.remove("request_hash"),
             command_id: map.remove("command_id"),
             transfer_step: map.remove("transfer_step"),
+            data_subject: map.remove("data_subject"),
             extra: map,
         }
     }
@@ -137,6 +144,7 @@ mod tests {
             request_hash: None,
             command_id: Some("cmd-1".into()),
             transfer_step: Some("t/debit".into()),
+            data_subject: Some("0190c0de-0000-7000-8000-000000000001".into()),
             extra,
         };
         let map = metadata.to_map();
