@@ -39,8 +39,11 @@ pub enum Scope {
     Write,
     /// Reads (the query API).
     Read,
-    /// Operator actions (the projector's admin API).
+    /// Operator actions (the projector's admin API, erasure of data subjects).
     Admin,
+    /// Exporting everything held about a data subject (`GET /v1/subjects/{id}/export`):
+    /// personal data in clear, so a scope of its own (ADR 0019).
+    Export,
 }
 
 impl Scope {
@@ -50,6 +53,7 @@ impl Scope {
             Self::Write => "write",
             Self::Read => "read",
             Self::Admin => "admin",
+            Self::Export => "export",
         }
     }
 }
@@ -62,7 +66,8 @@ impl FromStr for Scope {
             "write" => Ok(Self::Write),
             "read" => Ok(Self::Read),
             "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown scope `{other}` (write, read, admin)")),
+            "export" => Ok(Self::Export),
+            other => Err(format!("unknown scope `{other}` (write, read, admin, export)")),
         }
     }
 }
@@ -477,7 +482,7 @@ mod tests {
 
     #[test]
     fn scopes_parse_and_print() {
-        for scope in [Scope::Write, Scope::Read, Scope::Admin] {
+        for scope in [Scope::Write, Scope::Read, Scope::Admin, Scope::Export] {
             assert_eq!(scope.as_str().parse::<Scope>(), Ok(scope));
         }
         assert!("root".parse::<Scope>().is_err());
