@@ -6,7 +6,9 @@
 //!   `ce_source`, `ce_subject` = aggregate id, `ce_time`), `content-type`, the event's place
 //!   and version (`ledger_global_position`, `ledger_sequence`, `ledger_event_type`,
 //!   `ledger_event_version`, `ledger_aggregate_type`), the request and correlation ids, the
-//!   whole metadata as JSON (`ledger_metadata`) and a W3C `traceparent`.
+//!   whole metadata as JSON (`ledger_metadata`) and a W3C `traceparent`; when the payload
+//!   holds personal fields (ciphertext, ADR 0019), `ledger_data_subject` (the subject's id)
+//!   and `ledger_pii_key_version` (the key version the ciphertext names). Never a name.
 //!
 //! Every header value is UTF-8 text, so `kcat -C -f '%h %s\n'` shows a message a person can
 //! read. A re-delivery carries the same `ce_id`.
@@ -40,6 +42,8 @@ pub mod header {
     pub const CORRELATION_ID: &str = "ledger_correlation_id";
     pub const METADATA: &str = "ledger_metadata";
     pub const TRACEPARENT: &str = "traceparent";
+    pub const DATA_SUBJECT: &str = "ledger_data_subject";
+    pub const PII_KEY_VERSION: &str = "ledger_pii_key_version";
 }
 
 /// A message ready for a producer.
@@ -103,11 +107,34 @@ pub fn encode(event: &RecordedEvent, source: &str) -> Message {
         serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".to_owned()),
     ));
     headers.push((header::TRACEPARENT, traceparent_of(event)));
+    if let Some(version) = pii_key_version(&event.payload) {
+        let subject = if event.aggregate_type == crate::subject::SUBJECT_AGGREGATE_TYPE {
+            Some(event.aggregate_id.clone())
+        } else {
+            event.metadata.data_subject.clone()
+        };
+        if let Some(subject) = subject {
+            headers.push((header::DATA_SUBJECT, subject));
+        }
+        headers.push((header::PII_KEY_VERSION, version.to_string()));
+    }
     Message {
         key: event.aggregate_id.clone(),
         value: event.payload.to_string().into_bytes(),
         headers,
     }
+}
+
+/// The key version named by the first encrypted field (`pii1.<version>.…`) among the
+/// payload's top-level members, if any holds one.
+fn pii_key_version(payload: &Value) -> Option<u32> {
+    let Value::Object(fields) = payload else {
+        return None;
+    };
+    fields.values().find_map(|value| {
+        let (version, _) = value.as_str()?.strip_prefix("pii1.")?.split_once('.')?;
+        version.parse().ok()
+    })
 }
 
 /// The event's stored traceparent, or one derived from its id and position (so a
@@ -255,6 +282,43 @@ mod tests {
         );
         let headers = message.headers.iter().map(|(k, v)| (*k, v.as_bytes()));
         assert_eq!(decode(headers, &message.value).unwrap(), event);
+    }
+
+    #[test]
+    fn a_message_with_personal_fields_names_the_subject_and_key_version_but_no_person() {
+        let mut event = event();
+        event.payload = json!({"type": "MoneyDeposited", "amount": 5, "currency": "EUR",
+                               "reference": "pii1.3.c2VjcmV0"});
+        event.metadata.data_subject = Some("0190-subject".into());
+        let message = encode(&event, "/ledger");
+        let get = |name: &str| {
+            message
+                .headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get(header::DATA_SUBJECT).as_deref(), Some("0190-subject"));
+        assert_eq!(get(header::PII_KEY_VERSION).as_deref(), Some("3"));
+
+        let mut registered = event.clone();
+        registered.aggregate_type = "subject".into();
+        registered.aggregate_id = "0190-subject".into();
+        registered.metadata.data_subject = None;
+        registered.payload = json!({"type": "SubjectRegistered", "name": "pii1.1.bmFtZQ"});
+        let message = encode(&registered, "/ledger");
+        assert!(message
+            .headers
+            .iter()
+            .any(|(k, v)| *k == header::DATA_SUBJECT && v == "0190-subject"));
+
+        // Without a personal field (a reference in clear from v2, or none) there is nothing
+        // to name.
+        let plain = encode(&self::event(), "/ledger");
+        assert!(plain
+            .headers
+            .iter()
+            .all(|(k, _)| *k != header::DATA_SUBJECT && *k != header::PII_KEY_VERSION));
     }
 
     fn decode_with(name: &str, value: &str) -> Result<RecordedEvent, MessageError> {
