@@ -44,12 +44,15 @@
 //! - [`field`]: [`SubjectKey::encrypt`] / [`SubjectKey::decrypt`], the `pii1.` text form.
 //! - [`store`]: [`KeyStore`] on the `subject_keys` table (migration
 //!   `20261130092001_subject_keys.sql`) with a moka cache of unwrapped keys.
+//! - [`legacy`]: moving names and references written in clear before subjects existed
+//!   into subjects and ciphertext (`ledger-admin pii migrate-legacy`).
 //! - `aead` (private): the one AEAD construction all of the above use.
 
 mod aead;
 pub mod data_key;
 pub mod field;
 pub mod keyring;
+pub mod legacy;
 pub mod store;
 
 pub use data_key::{DataKey, SubjectKey, UnwrapError, WrappedKey};

@@ -10,6 +10,9 @@
 //! - [`log`]: [`LogCursor`], [`read_after`] (the commit-safe read), [`lag`], and
 //!   [`LogNotifications`] (wake-ups on new commits).
 //!
+//! - [`legacy`]: the statements of the one sanctioned rewrite of stored payloads, moving
+//!   personal data written in clear before data subjects into ciphertext (ADR 0019).
+//!
 //! Payloads are stored as written; reading them through the contract's upcasters is
 //! [`ledger_events::RecordedEvent`]'s job, the one place upcasting happens.
 //!
@@ -28,6 +31,7 @@
 //! by a later transaction).
 
 pub mod aggregates;
+pub mod legacy;
 pub mod log;
 
 pub use log::{
