@@ -531,3 +531,124 @@ async fn a_wrong_key_encryption_key_refuses_to_start_and_the_right_one_starts() 
     let started = ledger_command::startup::Application::build(&settings, test_keyring()).await;
     assert!(started.is_ok(), "{:?}", started.err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_subjects_and_accounts_by_subject() {
+    let app = spawn_app().await;
+    let doc: Value = app
+        .client
+        .get(format!("{}/openapi.json", app.address))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v1/subjects"]["post"].is_object(), "{doc}");
+    assert!(doc["paths"]["/v1/subjects/{subject_id}/erasure"]["post"].is_object());
+    let schemas = &doc["components"]["schemas"];
+    let account = &schemas["AccountResponse"]["properties"];
+    assert!(
+        account["subject_id"].is_object() && account["owner"].is_null(),
+        "{account}"
+    );
+    assert_eq!(
+        schemas["OpenAccountRequest"]["properties"]["owner"]["deprecated"],
+        json!(true)
+    );
+    for schema in [
+        "SubjectResponse",
+        "ErasureResponse",
+        "RegisterSubjectRequest",
+    ] {
+        assert!(schemas[schema].is_object(), "{schema}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_never_logs_a_name_or_a_reference() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let (url, _pool) = crate::helpers::fresh_database().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledger-command"))
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .env("COMMAND_LISTEN_ADDR", "127.0.0.1:0")
+        .env("AUTH_MODE", "disabled")
+        .env("PII_KEK", TEST_KEK)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let address = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the service starts")
+            .unwrap()
+            .expect("the service is running");
+        log.push(line.clone());
+        if line.contains("command API listening") {
+            let entry: Value = serde_json::from_str(&line).unwrap();
+            break format!("http://{}", entry["addr"].as_str().unwrap());
+        }
+    };
+    let client = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        let request = client.post(format!("{address}{path}")).json(&body);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let name = "Quintessa Logsearch";
+    let subject = post("/v1/subjects".into(), json!({"name": name})).await["subject_id"].clone();
+    let account = post(
+        "/v1/accounts".into(),
+        json!({"subject_id": subject, "currency": "EUR"}),
+    )
+    .await["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deprecated = post(
+        "/v1/accounts".into(),
+        json!({"owner": "Quintessa Oldpath", "currency": "EUR"}),
+    )
+    .await;
+    assert!(deprecated["subject_id"].is_string(), "{deprecated}");
+    let reference = "invoice Quintessa-7731";
+    post(
+        format!("/v1/accounts/{account}/deposits"),
+        json!({"amount": 5, "currency": "EUR", "reference": reference}),
+    )
+    .await;
+    // Refused requests too: a bad name, a reference after erasure.
+    post(
+        "/v1/subjects".into(),
+        json!({"name": "Quintessa\u{0007}Bad"}),
+    )
+    .await;
+    let subject = subject.as_str().unwrap().to_owned();
+    post(format!("/v1/subjects/{subject}/erasure"), Value::Null).await;
+    let refused = post(
+        format!("/v1/accounts/{account}/deposits"),
+        json!({"amount": 5, "currency": "EUR", "reference": reference}),
+    )
+    .await;
+    assert_eq!(refused["code"], "subject_erased");
+
+    // Stop it and read everything it wrote.
+    child.start_kill().unwrap();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+    {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert!(log.contains("data subject erased"), "{log}");
+    for secret in ["Quintessa", "Logsearch", "Oldpath", "7731"] {
+        assert!(!log.contains(secret), "`{secret}` was logged:\n{log}");
+    }
+}
