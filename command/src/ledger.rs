@@ -27,6 +27,23 @@ pub struct Intent<A: Decider = Account> {
     pub command: A::Command,
     /// Request/correlation ids, idempotency key and transfer step, copied onto every event.
     pub metadata: Metadata,
+    /// The id the command's event must be stored under, chosen by the caller because a
+    /// ciphertext in the command is bound to it (an encrypted `reference`, ADR 0019).
+    /// `None`: the writer gives each event a fresh id. A command with a preset id that
+    /// decides more than one event is a defect (answered as an internal error).
+    pub event_id: Option<Uuid>,
+}
+
+impl<A: Decider> Intent<A> {
+    /// `command` on `aggregate_id` with `metadata`, its events under fresh ids.
+    pub fn new(aggregate_id: Uuid, command: A::Command, metadata: Metadata) -> Self {
+        Self {
+            aggregate_id,
+            command,
+            metadata,
+            event_id: None,
+        }
+    }
 }
 
 /// The state after a command, and where its last event sits in the log.

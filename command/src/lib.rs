@@ -11,6 +11,9 @@
 //!   batching loop, the pure decide step (`writer::decide`), and the statements of
 //!   `ledger_store::aggregates`, through which every load and append goes.
 //! - [`idempotency`]: the `idempotency_keys` table and request fingerprints.
+//! - [`subjects`]: data subjects (ADR 0019): registering and erasing them (each one
+//!   transaction with the subject's key), the account → subject look-up and sealing
+//!   references under the subject's key. Names and references are never logged.
 //! - [`http`]: the axum routes, the `ApiError` → problem+json mapping, request headers.
 //! - [`startup`]: [`startup::Application`], which `main` and the tests both start.
 //!
@@ -32,5 +35,6 @@ pub mod http;
 pub mod idempotency;
 pub mod ledger;
 pub mod startup;
+pub mod subjects;
 pub mod transfer_steps;
 pub mod writer;

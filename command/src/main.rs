@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use ledger_command::config::{Cli, Command};
-use ledger_command::startup::Application;
+use ledger_command::startup::{self, Application};
 use ledger_platform::{db, shutdown, telemetry};
 
 /// mimalloc: the request path allocates many small, short-lived objects; under load glibc's
@@ -14,11 +14,28 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = ledger_platform::config::parse_or_exit();
-    let _telemetry = telemetry::init(cli.settings.log_format, "ledger-command");
     let settings = cli.settings;
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Migrate => migrate(&settings).await,
-        Command::Serve => serve(&settings).await,
+    // Serving handles personal data: without a usable key-encryption key it refuses to
+    // start, naming the setting (never its value), as for any bad setting. Migrating does
+    // not need one.
+    let keyring = match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => None,
+        Command::Serve => match startup::keyring_from_env() {
+            Ok(keyring) => Some(keyring),
+            Err(err) => {
+                // Logging is not set up before the configuration is known.
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("{err}");
+                }
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let _telemetry = telemetry::init(settings.log_format, "ledger-command");
+    let result = match keyring {
+        None => migrate(&settings).await,
+        Some(keyring) => serve(&settings, keyring).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,8 +62,9 @@ async fn migrate(
 
 async fn serve(
     settings: &ledger_command::config::Settings,
+    keyring: ledger_pii::Keyring,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let app = Application::build(settings).await?;
+    let app = Application::build(settings, keyring).await?;
     app.run_until_stopped(shutdown::signal()).await?;
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! keys in front of it.
 //!
 //! - [`KeyStore::create`] makes a subject's first data key and stores it wrapped by the
-//!   current KEK.
+//!   current KEK; [`KeyStore::generate`] and [`KeyStore::store_in`] are the same in two
+//!   steps, the second inside the caller's transaction (with the event the key seals).
 //! - [`KeyStore::load`] / [`KeyStore::current`] read a subject's keys (all versions in one
 //!   statement), unwrap them with whichever KEK each names, and cache them for
 //!   [`CacheSettings::ttl`].
@@ -269,23 +270,49 @@ impl KeyStore {
     /// [`StoreError::Database`].
     #[tracing::instrument(skip_all, fields(subject = %subject))]
     pub async fn create(&self, subject: Uuid) -> Result<SubjectKey, StoreError> {
-        let key = SubjectKey::new(subject, 1, DataKey::generate());
+        let key = Self::generate(subject);
+        let mut conn = self.pool.acquire().await?;
+        self.store_in(&mut conn, &key).await?;
+        Ok(key)
+    }
+
+    /// A new first data key (version 1) for `subject`, from the operating system's
+    /// randomness, not stored yet: encrypt the subject's first fields with it, then store
+    /// it with [`KeyStore::store_in`] in the transaction that writes them.
+    pub fn generate(subject: Uuid) -> SubjectKey {
+        SubjectKey::new(subject, 1, DataKey::generate())
+    }
+
+    /// Stores `key` wrapped by the current KEK, on the caller's connection (inside its
+    /// transaction: the key is stored together with the event whose fields it sealed, or
+    /// not at all). The cache is left alone; the key is read back on first use.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when the subject already has (or had) a key of that
+    /// version; [`StoreError::Database`].
+    pub async fn store_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        key: &SubjectKey,
+    ) -> Result<(), StoreError> {
+        let subject = key.subject();
         let wrapped = key.wrap(&self.keyring);
         let inserted = sqlx::query(
             "INSERT INTO subject_keys (subject_id, key_version, kek_id, wrapped_key)
-             VALUES ($1, 1, $2, $3)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (subject_id, key_version) DO NOTHING",
         )
         .bind(subject)
+        .bind(i32::try_from(key.version()).unwrap_or(i32::MAX))
         .bind(wrapped.kek_id.as_str())
         .bind(&wrapped.bytes)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
         if inserted == 0 {
             return Err(StoreError::AlreadyExists { subject });
         }
-        Ok(key)
+        Ok(())
     }
 
     /// The subject's key of this version.

@@ -434,3 +434,41 @@ async fn the_start_up_check_refuses_a_missing_or_wrong_kek_and_names_it() {
     assert!(source.to_string().contains("`k0`"), "{source}");
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_generated_key_is_stored_in_the_callers_transaction_or_not_at_all() {
+    let db = TestDb::new().await;
+    let keys = store(&db.pool, ring(kek("k1", 1), vec![]));
+    let subject = Uuid::new_v4();
+    let event = Uuid::new_v4();
+    let key = KeyStore::generate(subject);
+    assert_eq!((key.subject(), key.version()), (subject, 1));
+    let text = key.encrypt(event, "name", "Zoë Q. Transactional");
+
+    // Rolled back with the rest of the transaction: the subject stays unknown.
+    let mut tx = db.pool.begin().await.unwrap();
+    keys.store_in(&mut tx, &key).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert!(matches!(
+        keys.current(subject).await,
+        Err(StoreError::UnknownSubject { subject: s }) if s == subject
+    ));
+
+    // Committed: another process (no cache) decrypts what the key sealed before it was
+    // stored.
+    let mut tx = db.pool.begin().await.unwrap();
+    keys.store_in(&mut tx, &key).await.unwrap();
+    tx.commit().await.unwrap();
+    let other = store(&db.pool, ring(kek("k1", 1), vec![]));
+    assert_eq!(
+        other.decrypt(subject, event, "name", &text).await.unwrap(),
+        "Zoë Q. Transactional"
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert!(matches!(
+        keys.store_in(&mut conn, &KeyStore::generate(subject)).await,
+        Err(StoreError::AlreadyExists { subject: s }) if s == subject
+    ));
+    drop(conn);
+    db.drop_database().await;
+}

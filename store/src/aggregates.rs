@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use ledger_events::RecordedEvent;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::log::Row;
 
@@ -137,6 +138,9 @@ pub async fn versions(
 /// The events and snapshots one statement appends, as columns.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Batch {
+    /// The id of each event: chosen by the caller when it bound a ciphertext to it
+    /// (`ledger-pii`), else a fresh UUID v7.
+    event_ids: Vec<Uuid>,
     aggregate_ids: Vec<String>,
     sequences: Vec<i64>,
     event_types: Vec<String>,
@@ -154,6 +158,9 @@ pub struct Batch {
 /// One event to append.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
+    /// The event's id (`events.event_id`): the one its encrypted fields are bound to when
+    /// it has any, else a fresh UUID v7 ([`NewEvent::fresh_id`]).
+    pub event_id: Uuid,
     /// The aggregate.
     pub aggregate_id: String,
     /// Its sequence: one past the aggregate's version the command was decided on.
@@ -170,9 +177,17 @@ pub struct NewEvent {
     pub command_id: String,
 }
 
+impl NewEvent {
+    /// A fresh event id, for an event whose id nothing is bound to.
+    pub fn fresh_id() -> Uuid {
+        Uuid::now_v7()
+    }
+}
+
 impl Batch {
     /// Adds an event.
     pub fn push_event(&mut self, event: NewEvent) {
+        self.event_ids.push(event.event_id);
         self.aggregate_ids.push(event.aggregate_id);
         self.sequences.push(event.sequence);
         self.event_types.push(event.event_type);
@@ -208,6 +223,11 @@ impl Batch {
     /// The aggregate of each event, in order.
     pub fn aggregate_ids(&self) -> &[String] {
         &self.aggregate_ids
+    }
+
+    /// The id of each event, in order.
+    pub fn event_ids(&self) -> &[Uuid] {
+        &self.event_ids
     }
 
     /// The sequence of each event, in order.
@@ -247,15 +267,39 @@ pub async fn append(
     aggregate_type: &str,
     batch: &Batch,
 ) -> Result<Positions, sqlx::Error> {
+    append_with(pool, aggregate_type, batch).await
+}
+
+/// [`append`] inside the caller's transaction. It must be the transaction's **first**
+/// write (the `events_append_first` trigger, ADR 0017): write anything else (a data
+/// subject's key row) after it. Used by the rare writes that are not group-committed:
+/// registering and erasing data subjects.
+pub async fn append_in(
+    conn: &mut PgConnection,
+    aggregate_type: &str,
+    batch: &Batch,
+) -> Result<Positions, sqlx::Error> {
+    append_with(&mut *conn, aggregate_type, batch).await
+}
+
+async fn append_with<'c, E>(
+    executor: E,
+    aggregate_type: &str,
+    batch: &Batch,
+) -> Result<Positions, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
     let appended: Vec<(String, i64, i64)> = sqlx::query_as(
         "WITH appended AS (
-             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+             INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type,
                                  event_version, payload, metadata)
-             SELECT $1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+             SELECT e.event_id, $1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
                     e.payload::json, e.metadata::json
                FROM unnest($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                           $7::text[])
-                    AS e(aggregate_id, sequence, event_type, event_version, payload, metadata)
+                           $7::text[], $11::uuid[])
+                    AS e(aggregate_id, sequence, event_type, event_version, payload, metadata,
+                         event_id)
              RETURNING aggregate_id, sequence, global_position
          ), snapshot AS (
              SELECT s.aggregate_id, s.last_sequence, s.payload::json AS payload
@@ -293,7 +337,8 @@ pub async fn append(
     .bind(&batch.snapshot_ids)
     .bind(&batch.snapshot_sequences)
     .bind(&batch.snapshot_payloads)
-    .fetch_all(pool)
+    .bind(&batch.event_ids)
+    .fetch_all(executor)
     .await?;
     Ok(appended
         .into_iter()
@@ -336,6 +381,7 @@ mod tests {
 
     fn event(id: &str, sequence: i64) -> NewEvent {
         NewEvent {
+            event_id: NewEvent::fresh_id(),
             aggregate_id: id.to_owned(),
             sequence,
             event_type: "E".into(),

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use ledger_events::subject::legacy_subject_id;
 use ledger_events::{
     AccountEvent, Amount, Currency, DecodeError, RecordedEvent, ACCOUNT_AGGREGATE_TYPE,
 };
@@ -13,9 +14,13 @@ use super::Decider;
 /// What a client asks of an account (imperative).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccountCommand {
-    /// Open a new account for `owner` in `currency`.
-    Open { owner: String, currency: Currency },
-    /// Credit `amount`; `currency` must be the account's.
+    /// Open a new account for the data subject `subject_id` in `currency`.
+    Open {
+        subject_id: Uuid,
+        currency: Currency,
+    },
+    /// Credit `amount`; `currency` must be the account's. `reference`, when given, is
+    /// already ciphertext under the account's subject's key (the HTTP edge encrypts it).
     Deposit {
         amount: Amount,
         currency: Currency,
@@ -119,13 +124,15 @@ impl AccountError {
     }
 }
 
-/// The account's state, folded from its events. Also the snapshot payload.
+/// The account's state, folded from its events. Also the snapshot payload: it holds no
+/// personal data (the holder is a subject id; names live in the subject's own events).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredAccount")]
 pub struct Account {
     /// Where the account is in its life.
     pub status: AccountStatus,
-    /// Who owns it (as given at opening).
-    pub owner: String,
+    /// The data subject who holds it (nil until opened). Never changes.
+    pub subject_id: Uuid,
     /// The only currency it holds; `None` until opened.
     pub currency: Option<Currency>,
     /// Minor units; never negative.
@@ -139,14 +146,62 @@ pub struct Account {
     pub outgoing: BTreeMap<Uuid, i64>,
 }
 
+/// An account snapshot as stored, old or new. Snapshots written before data subjects named
+/// the holder (`owner`, in clear) instead of `subject_id`: such a holder is the legacy
+/// subject of that name ([`legacy_subject_id`]), exactly as the upcast v1 `AccountOpened`
+/// folds, so a state restored from an old snapshot equals the one folded from the events.
+/// The name itself is dropped on reading; the next snapshot no longer holds it.
+#[derive(Deserialize)]
+struct StoredAccount {
+    #[serde(default)]
+    status: AccountStatus,
+    #[serde(default)]
+    subject_id: Option<Uuid>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    currency: Option<Currency>,
+    #[serde(default)]
+    balance: i64,
+    #[serde(default)]
+    transfers_in_flight: u32,
+    #[serde(default)]
+    outgoing: BTreeMap<Uuid, i64>,
+}
+
+impl From<StoredAccount> for Account {
+    fn from(stored: StoredAccount) -> Self {
+        let subject_id = match (stored.subject_id, stored.owner) {
+            (Some(subject_id), _) => subject_id,
+            (None, Some(owner)) if stored.status != AccountStatus::Unopened => {
+                legacy_subject_id(&owner)
+            }
+            (None, _) => Uuid::nil(),
+        };
+        Self {
+            status: stored.status,
+            subject_id,
+            currency: stored.currency,
+            balance: stored.balance,
+            transfers_in_flight: stored.transfers_in_flight,
+            outgoing: stored.outgoing,
+        }
+    }
+}
+
 impl Decider for Account {
     /// The events `command` produces from this state, or the rule it breaks.
     fn decide(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         match command {
-            AccountCommand::Open { owner, currency } => match self.status {
-                AccountStatus::Unopened => {
-                    Ok(vec![AccountEvent::AccountOpened { owner, currency }])
-                }
+            AccountCommand::Open {
+                subject_id,
+                currency,
+            } => match self.status {
+                AccountStatus::Unopened => Ok(vec![AccountEvent::AccountOpened {
+                    subject_id,
+                    currency,
+                    legacy_owner: None,
+                }]),
                 AccountStatus::Open | AccountStatus::Closed => Err(AccountError::AlreadyExists),
             },
             AccountCommand::Deposit {
@@ -247,9 +302,13 @@ impl Decider for Account {
     /// room for every refund still possible (ADR 0016).
     fn fold(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::AccountOpened { owner, currency } => {
+            AccountEvent::AccountOpened {
+                subject_id,
+                currency,
+                ..
+            } => {
                 self.status = AccountStatus::Open;
-                self.owner.clone_from(owner);
+                self.subject_id = *subject_id;
                 self.currency = Some(*currency);
             }
             AccountEvent::MoneyDeposited { amount, .. } => {
@@ -375,10 +434,15 @@ mod tests {
         Amount::new(units).unwrap()
     }
 
+    fn alice() -> Uuid {
+        Uuid::from_u128(0xa11ce)
+    }
+
     fn opened() -> AccountEvent {
         AccountEvent::AccountOpened {
-            owner: "alice".into(),
+            subject_id: alice(),
             currency: eur(),
+            legacy_owner: None,
         }
     }
 
@@ -415,11 +479,11 @@ mod tests {
     }
 
     #[test]
-    fn opening_a_new_account_records_owner_and_currency() {
+    fn opening_a_new_account_records_its_subject_and_currency() {
         AccountTest::with(())
             .given_no_previous_events()
             .when(AccountCommand::Open {
-                owner: "alice".into(),
+                subject_id: alice(),
                 currency: eur(),
             })
             .then_expect_events(vec![opened()]);
@@ -430,7 +494,7 @@ mod tests {
         AccountTest::with(())
             .given(vec![opened()])
             .when(AccountCommand::Open {
-                owner: "bob".into(),
+                subject_id: Uuid::from_u128(0xb0b),
                 currency: usd(),
             })
             .then_expect_error(AccountError::AlreadyExists);
@@ -612,6 +676,50 @@ mod tests {
         }
         assert_eq!(account.balance, 10);
         assert_eq!(account.transfers_in_flight, 0);
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_subject_id_and_no_name_and_reads_back_the_same() {
+        let mut account = Account::default();
+        for event in [opened(), deposited(40)] {
+            account.fold(&event);
+        }
+        let stored = serde_json::to_value(&account).unwrap();
+        assert_eq!(stored["subject_id"], serde_json::json!(alice()));
+        assert!(stored.get("owner").is_none(), "{stored}");
+        assert_eq!(serde_json::from_value::<Account>(stored).unwrap(), account);
+    }
+
+    #[test]
+    fn an_old_snapshot_naming_its_owner_restores_the_legacy_subject_the_events_fold_to() {
+        // Written before data subjects: the holder by name, in clear.
+        let old = serde_json::json!({
+            "status": "open", "owner": "Ada Lovelace", "currency": "EUR", "balance": 40,
+            "transfers_in_flight": 0, "outgoing": {}
+        });
+        let restored: Account = serde_json::from_value(old).unwrap();
+        // The same account folded from its v1 events, read through the upcasters.
+        let v1 = RecordedEvent {
+            event_id: Uuid::from_u128(1),
+            aggregate_type: ACCOUNT_AGGREGATE_TYPE.into(),
+            aggregate_id: Uuid::from_u128(2).to_string(),
+            sequence: 1,
+            global_position: 1,
+            recorded_at: chrono::Utc::now(),
+            event_type: "AccountOpened".into(),
+            event_version: "1".into(),
+            payload: serde_json::json!(
+                {"type": "AccountOpened", "owner": "Ada Lovelace", "currency": "EUR"}
+            ),
+            metadata: ledger_events::Metadata::default(),
+        };
+        let mut folded = Account::default();
+        folded.fold(&Account::read(&v1).unwrap());
+        folded.fold(&deposited(40));
+        assert_eq!(restored.subject_id, legacy_subject_id("Ada Lovelace"));
+        assert_eq!(restored, folded);
+        let rewritten = serde_json::to_string(&restored).unwrap();
+        assert!(!rewritten.contains("Ada"), "{rewritten}");
     }
 
     #[test]

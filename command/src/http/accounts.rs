@@ -1,5 +1,10 @@
 //! `/v1/accounts`: open, deposit, withdraw, close. Every POST honours `Idempotency-Key`
 //! (see [`super::intents`]).
+//!
+//! Personal data (ADR 0019): an account belongs to a data subject (`subject_id`); answers
+//! carry the id, never a name. A reference on a deposit or withdrawal is sealed here, under
+//! the current key of the account's subject and bound to the event's id (chosen here), so
+//! the events, snapshots and stored answers hold ciphertext only.
 
 use axum::extract::OriginalUri;
 use axum::http::{Method, StatusCode};
@@ -18,10 +23,11 @@ use super::intents::{self, CommandRequest};
 use super::AppState;
 use crate::domain::{AccountCommand, AccountStatus};
 use crate::ledger::Outcome;
+use crate::subjects::SubjectError;
 use ledger_platform::openapi::ProblemDetails;
 
-/// Longest owner name, in characters.
-const MAX_OWNER_CHARS: usize = 200;
+/// Longest name of a data subject (or deprecated `owner`), in characters.
+pub(super) const MAX_NAME_CHARS: usize = 200;
 /// Longest payment reference, in characters.
 const MAX_REFERENCE_CHARS: usize = 140;
 
@@ -34,12 +40,23 @@ pub fn router() -> Router<AppState> {
         .route("/accounts/{account_id}/close", post(close))
 }
 
-/// Body of `POST /v1/accounts`.
+/// Body of `POST /v1/accounts`: exactly one of `subject_id` and (deprecated) `owner`.
 #[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAccountRequest {
-    /// Who owns the account: 1 to 200 characters, no control characters.
-    pub owner: String,
+    /// The data subject who holds the account (`POST /v1/subjects` answers it): registered
+    /// and not erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_id: Option<Uuid>,
+    /// **Deprecated**, for clients written before data subjects: the holder's name (1 to
+    /// 200 characters, no control characters). A new data subject is registered for it
+    /// (as `POST /v1/subjects` would) and the account opened for that subject; the answer
+    /// carries its `subject_id`. Every such request registers another subject, so a
+    /// person's accounts opened this way do not share one: register the subject once and
+    /// send `subject_id` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(deprecated)]
+    pub owner: Option<String>,
     /// ISO 4217 code, e.g. `EUR`.
     pub currency: String,
 }
@@ -53,7 +70,10 @@ pub struct MoneyRequest {
     pub amount: serde_json::Number,
     /// Must be the account's currency.
     pub currency: String,
-    /// Optional free text, up to 140 characters.
+    /// Optional free text, up to 140 characters. Personal data: stored encrypted under the
+    /// key of the account's data subject; refused (422 `subject_erased`) once the subject
+    /// is erased, and (422 `subject_not_migrated`) for an account of a legacy owner not yet
+    /// migrated to a data subject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
 }
@@ -63,8 +83,8 @@ pub struct MoneyRequest {
 pub struct AccountResponse {
     /// The account.
     pub account_id: Uuid,
-    /// Its owner.
-    pub owner: String,
+    /// The data subject who holds it.
+    pub subject_id: Uuid,
     /// Its currency.
     pub currency: Option<String>,
     /// Balance in minor units after the command.
@@ -83,7 +103,7 @@ impl From<&Outcome> for AccountResponse {
     fn from(outcome: &Outcome) -> Self {
         Self {
             account_id: outcome.aggregate_id,
-            owner: outcome.state.owner.clone(),
+            subject_id: outcome.state.subject_id,
             currency: outcome.state.currency.map(|c| c.code().to_owned()),
             balance: outcome.state.balance,
             status: outcome.state.status,
@@ -111,10 +131,54 @@ pub async fn open(
     Json(body): Json<OpenAccountRequest>,
 ) -> Result<Response, ApiError> {
     let currency = parse_currency(&body.currency)?;
-    let owner = check_text("owner", &body.owner, MAX_OWNER_CHARS)?;
+    let owner = match (&body.subject_id, &body.owner) {
+        (Some(_), None) => None,
+        (None, Some(owner)) => Some(check_text("owner", owner, MAX_NAME_CHARS)?),
+        _ => {
+            return Err(ApiError::InvalidField {
+                field: "subject_id",
+                message: "give exactly one of `subject_id` and (deprecated) `owner`".into(),
+            })
+        }
+    };
     let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::CREATED);
-    let command = AccountCommand::Open { owner, currency };
+    // A replay answers what the first request got, whatever became of the subject since.
+    if let Some(replayed) = intents::replay(&state.ledger, &request, render_account).await? {
+        return Ok(replayed);
+    }
+    let subject_id = match (body.subject_id, owner) {
+        (Some(subject_id), _) => {
+            state
+                .subjects
+                .check_holder(subject_id)
+                .await
+                .map_err(|err| match err {
+                    SubjectError::NotFound { subject } => ApiError::UnknownHolder(subject),
+                    other => ApiError::Subject(other),
+                })?;
+            subject_id
+        }
+        (None, Some(owner)) => {
+            // Deprecated path: a new subject for the name. Its event does not carry the
+            // idempotency key (the account's event claims it); a request that then loses
+            // the key to a concurrent duplicate leaves that subject without an account.
+            state
+                .subjects
+                .register(&owner, request.metadata_unkeyed())
+                .await?
+                .subject_id
+        }
+        (None, None) => return Err(ApiError::Internal("no account holder".into())),
+    };
+    let command = AccountCommand::Open {
+        subject_id,
+        currency,
+    };
     run(&state, request, Uuid::now_v7(), command).await
+}
+
+fn render_account(outcome: &Outcome) -> Value {
+    json!(AccountResponse::from(outcome))
 }
 
 /// Deposits and withdrawals differ only in the command they make.
@@ -193,7 +257,20 @@ async fn move_money(
     Json(body): Json<MoneyRequest>,
 ) -> Result<Response, ApiError> {
     let (amount, currency, reference) = parse_money(&body)?;
-    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
+    let mut request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
+    let reference = match reference {
+        None => None,
+        Some(text) => {
+            // Sealing needs the subject's live key: a replay must not (erased since).
+            if let Some(replayed) = intents::replay(&state.ledger, &request, render_account).await?
+            {
+                return Ok(replayed);
+            }
+            let sealed = state.subjects.seal_reference(account_id, &text).await?;
+            request = request.sealed(sealed.event_id, sealed.subject_id);
+            Some(sealed.ciphertext)
+        }
+    };
     let command = match movement {
         Movement::Deposit => AccountCommand::Deposit {
             amount,
@@ -237,10 +314,7 @@ async fn run(
     account_id: Uuid,
     command: AccountCommand,
 ) -> Result<Response, ApiError> {
-    intents::run(&state.ledger, request, account_id, command, |outcome| {
-        json!(AccountResponse::from(outcome))
-    })
-    .await
+    intents::run(&state.ledger, request, account_id, command, render_account).await
 }
 
 pub(super) fn parse_currency(code: &str) -> Result<Currency, ApiError> {

@@ -8,6 +8,7 @@ use ledger_platform::http::Problem;
 
 use crate::domain::{AccountError, TransferError};
 use crate::ledger::LedgerError;
+use crate::subjects::SubjectError;
 
 /// Everything a command request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,14 @@ pub enum ApiError {
     /// A transfer rule: 422.
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    /// A data subject operation: 404 for an unknown subject on its own routes, 422 for a
+    /// subject that cannot take the request (erased, not migrated), 503/500 for failures.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// A new account for a subject that is not registered: 422 `subject_not_found` (the
+    /// body names it; the route itself exists).
+    #[error("no data subject {0} is registered")]
+    UnknownHolder(uuid::Uuid),
     /// A transfer sent without an `Idempotency-Key`: 400.
     #[error("an Idempotency-Key header is required")]
     IdempotencyKeyRequired,
@@ -68,6 +77,14 @@ impl ApiError {
                 "Transfer refused",
                 rule.to_string(),
             ),
+            Self::Subject(err) => subject_problem(err),
+            Self::UnknownHolder(subject) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "subject_not_found",
+                "Data subject not found",
+                format!("no data subject {subject} is registered; register the account holder with POST /v1/subjects first and open the account with the subject_id it answers"),
+            )
+            .with("subject_id", subject.to_string()),
             Self::IdempotencyKeyRequired => Problem::new(
                 StatusCode::BAD_REQUEST,
                 "idempotency_key_required",
@@ -172,6 +189,57 @@ fn domain_problem(rule: &AccountError) -> Problem {
         AccountError::TransfersInFlight { count } => problem.with("transfers_in_flight", *count),
         _ => problem,
     }
+}
+
+fn subject_problem(err: &SubjectError) -> Problem {
+    match err {
+        SubjectError::NotFound { subject } => Problem::new(
+            StatusCode::NOT_FOUND,
+            "subject_not_found",
+            "Data subject not found",
+            format!("no data subject {subject} is registered (account holders known only by name from before data subjects are not registered subjects)"),
+        )
+        .with("subject_id", subject.to_string()),
+        SubjectError::Erased { subject, erased_at } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "subject_erased",
+            "Data subject erased",
+            format!("data subject {subject} was erased at {erased_at}: no personal data (a name, a reference) can be recorded for it; money can still move without a reference"),
+        )
+        .with("subject_id", subject.to_string())
+        .with("erased_at", erased_at.to_rfc3339()),
+        SubjectError::NotMigrated { subject } => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "subject_not_migrated",
+            "Data subject not migrated",
+            format!("the account belongs to data subject {subject}, known only by the owner name of an account opened before data subjects, which has no key yet: a reference cannot be stored encrypted for it until the operator migrates it; send the request without a reference"),
+        )
+        .with("subject_id", subject.to_string()),
+        SubjectError::AccountNotFound => domain_problem(&AccountError::NotFound),
+        SubjectError::KeyTaken => ApiError::Conflict { attempts: 1 }.problem(),
+        SubjectError::OutcomeUnknown(cause) => {
+            tracing::error!(error = %cause, "subject commit outcome unknown");
+            ApiError::OutcomeUnknown.problem()
+        }
+        SubjectError::Keys(ledger_pii::StoreError::Database(cause))
+        | SubjectError::Store(cause) => sql_problem(cause),
+        SubjectError::Keys(other) => ApiError::Internal(format!("key store: {other}: {}", source_of(other))).problem(),
+        SubjectError::Corrupt(reason) => ApiError::Internal(reason.clone()).problem(),
+    }
+}
+
+/// The answer to a failed statement: 503 when the database is unavailable, else 500 (the
+/// cause is logged, not answered).
+fn sql_problem(cause: &sqlx::Error) -> Problem {
+    if ledger_platform::db::is_unavailable(cause) {
+        ApiError::Unavailable(cause.to_string()).problem()
+    } else {
+        ApiError::Internal(cause.to_string()).problem()
+    }
+}
+
+fn source_of(err: &dyn std::error::Error) -> String {
+    err.source().map(ToString::to_string).unwrap_or_default()
 }
 
 impl From<Problem> for ApiError {

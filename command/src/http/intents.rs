@@ -19,7 +19,7 @@ use crate::idempotency::{self, ClientKey, StoredResponse};
 use crate::ledger::{Intent, Ledger, LedgerError, Outcome};
 
 /// How many times a request re-reads its key after losing a race for it.
-const KEY_RACE_ROUNDS: usize = 3;
+pub(super) const KEY_RACE_ROUNDS: usize = 3;
 
 /// What every command handler knows about its request.
 #[derive(Debug)]
@@ -28,6 +28,10 @@ pub struct CommandRequest {
     pub headers: CommandHeaders,
     fingerprint: String,
     success: StatusCode,
+    /// The id the command's event must be stored under (a ciphertext in it is bound to it).
+    event_id: Option<Uuid>,
+    /// The data subject whose key sealed the command's personal fields.
+    data_subject: Option<Uuid>,
 }
 
 impl CommandRequest {
@@ -43,7 +47,28 @@ impl CommandRequest {
             fingerprint: idempotency::fingerprint(method.as_str(), uri.path(), body),
             headers,
             success,
+            event_id: None,
+            data_subject: None,
         }
+    }
+
+    /// The command carries a field sealed under `data_subject`'s key and bound to
+    /// `event_id`: its event is stored under that id and names the subject in its metadata.
+    #[must_use]
+    pub fn sealed(mut self, event_id: Uuid, data_subject: Uuid) -> Self {
+        self.event_id = Some(event_id);
+        self.data_subject = Some(data_subject);
+        self
+    }
+
+    /// The status of its success.
+    pub fn success(&self) -> StatusCode {
+        self.success
+    }
+
+    /// Its fingerprint (method, path and body as sent).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Its idempotency key, in its client's scope.
@@ -76,11 +101,82 @@ impl CommandRequest {
                 .map(|_| self.fingerprint.clone()),
             ..Metadata::default()
         };
+        metadata.data_subject = self.data_subject.map(|s| s.to_string());
         metadata
             .extra
             .insert(TRACEPARENT.to_owned(), headers.traceparent.clone());
         metadata
     }
+
+    /// The metadata of a write made on the way to the request's own command (the subject
+    /// registered for a deprecated `owner`): without the idempotency key, which the command
+    /// claims.
+    pub fn metadata_unkeyed(&self) -> Metadata {
+        Metadata {
+            idempotency_key: None,
+            idempotency_scope: None,
+            request_hash: None,
+            data_subject: None,
+            ..self.metadata()
+        }
+    }
+}
+
+/// The answer an earlier request with the same key already got (or that its committed
+/// events give), if there was one: a replay. A different request under the key is
+/// [`ApiError::IdempotencyKeyReused`]. Handlers that must do work before the command
+/// (sealing a reference, registering a subject) ask this first, so a replay never depends
+/// on that work (a subject erased since, say).
+pub async fn replay<A>(
+    ledger: &Ledger<A>,
+    request: &CommandRequest,
+    body: impl Fn(&Outcome<A>) -> Value,
+) -> Result<Option<Response>, ApiError>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+    ApiError: From<LedgerError<A::Error>> + From<A::Error>,
+{
+    let Some(key) = request.key() else {
+        return Ok(None);
+    };
+    let pool = ledger.pool();
+    let Some(record) = idempotency::find(pool, &key, &request.fingerprint).await? else {
+        return Ok(None);
+    };
+    answer_from_record(ledger, request, &record, &body).await
+}
+
+/// The answer `record` holds or its events give; `None` when it has neither yet.
+async fn answer_from_record<A>(
+    ledger: &Ledger<A>,
+    request: &CommandRequest,
+    record: &idempotency::KeyRecord,
+    body: &impl Fn(&Outcome<A>) -> Value,
+) -> Result<Option<Response>, ApiError>
+where
+    A: Decider,
+    A::Error: std::error::Error,
+    ApiError: From<LedgerError<A::Error>> + From<A::Error>,
+{
+    if record.request_hash != request.fingerprint {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    if let Some(stored) = &record.response {
+        return Ok(Some(render(stored, true)));
+    }
+    if let Some(appended) = &record.appended {
+        // Committed by an earlier request that never stored its answer (it died, or is
+        // about to store it): the answer is derived from the events.
+        let outcome = ledger.outcome_at(appended).await?;
+        let stored = StoredResponse {
+            status: request.success.as_u16(),
+            body: body(&outcome),
+        };
+        idempotency::save_response(ledger.pool(), &record.key, &stored).await?;
+        return Ok(Some(render(&stored, true)));
+    }
+    Ok(None)
 }
 
 /// Executes `command` on `aggregate_id` under the request's idempotency key (if any) and
@@ -101,6 +197,7 @@ where
         aggregate_id,
         command,
         metadata: request.metadata(),
+        event_id: request.event_id,
     };
     let success = |outcome: &Outcome<A>| StoredResponse {
         status: request.success.as_u16(),
@@ -113,19 +210,8 @@ where
     let pool = ledger.pool();
     for _ in 0..KEY_RACE_ROUNDS {
         if let Some(record) = idempotency::find(pool, &key, &request.fingerprint).await? {
-            if record.request_hash != request.fingerprint {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            if let Some(stored) = record.response {
-                return Ok(render(&stored, true));
-            }
-            if let Some(appended) = record.appended {
-                // Committed by an earlier request that never stored its answer (it died, or
-                // is about to store it): the answer is derived from the events.
-                let outcome = ledger.outcome_at(&appended).await?;
-                let stored = success(&outcome);
-                idempotency::save_response(pool, &record.key, &stored).await?;
-                return Ok(render(&stored, true));
+            if let Some(replayed) = answer_from_record(ledger, &request, &record, &body).await? {
+                return Ok(replayed);
             }
         }
         match ledger.execute(intent.clone()).await {
@@ -170,7 +256,7 @@ fn is_remembered(status: StatusCode) -> bool {
 }
 
 /// Renders a stored answer. The same function serves first answers and replays.
-fn render(stored: &StoredResponse, replayed: bool) -> Response {
+pub(super) fn render(stored: &StoredResponse, replayed: bool) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(stored.body.clone())).into_response();
     let headers = response.headers_mut();

@@ -5,6 +5,7 @@ pub mod error;
 pub mod headers;
 pub mod intents;
 pub mod openapi;
+pub mod subjects;
 pub mod transfers;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::domain::Transfer;
 use crate::ledger::Ledger;
+use crate::subjects::Subjects;
 
 pub use error::ApiError;
 
@@ -30,6 +32,8 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// Executes transfer commands.
     pub transfers: Arc<Ledger<Transfer>>,
+    /// Data subjects: registration, erasure, sealing references (ADR 0019).
+    pub subjects: Arc<Subjects>,
 }
 
 /// Limits the router applies to every request.
@@ -44,17 +48,26 @@ pub struct Limits {
 /// The whole application router.
 pub fn router(state: AppState, limits: Limits) -> Router {
     let pool = state.ledger.pool().clone();
-    let guard = Guard {
-        auth: std::sync::Arc::new(state.auth.clone()),
-        scope: Scope::Write,
+    let auth = Arc::new(state.auth.clone());
+    let guard = |scope| Guard {
+        auth: auth.clone(),
+        scope,
     };
+    // Each group of routes gets its scope's guard (`route_layer` applies to the routes
+    // added before it): commands need `write`, erasing a data subject `admin`.
+    let commands = accounts::router()
+        .merge(transfers::router())
+        .merge(subjects::write_router())
+        .route_layer(middleware::from_fn_with_state(
+            guard(Scope::Write),
+            auth::require,
+        ));
+    let operator = subjects::admin_router().route_layer(middleware::from_fn_with_state(
+        guard(Scope::Admin),
+        auth::require,
+    ));
     Router::new()
-        .nest(
-            "/v1",
-            accounts::router()
-                .merge(transfers::router())
-                .route_layer(middleware::from_fn_with_state(guard, auth::require)),
-        )
+        .nest("/v1", commands.merge(operator))
         .with_state(state)
         .merge(health::router(pool))
         .merge(ledger_platform::metrics::static_router())

@@ -17,8 +17,10 @@ pub struct IdempotencyKeyHeader {
 /// The document served at `/openapi.json`.
 #[derive(Debug, OpenApi)]
 #[openapi(
-    info(title = "Ledger command API", description = "Post intents: open, deposit, withdraw, close, transfer."),
+    info(title = "Ledger command API", description = "Post intents: register and erase data subjects; open, deposit, withdraw, close, transfer."),
     paths(
+        super::subjects::register,
+        super::subjects::erase,
         super::accounts::open,
         super::accounts::deposit,
         super::accounts::withdraw,

@@ -160,6 +160,15 @@ where
             continue;
         }
 
+        if intent.event_id.is_some() && events.len() != 1 {
+            // The id is bound to one ciphertext of one event: two events cannot share it,
+            // and guessing which one it belongs to could store a value under another id.
+            decisions.push(Decision::Done(Err(LedgerError::Internal(format!(
+                "a command with a preset event id decided {} events",
+                events.len()
+            )))));
+            continue;
+        }
         let mut metadata = intent.metadata.clone();
         let command_id = Uuid::now_v7().to_string();
         metadata
@@ -172,6 +181,7 @@ where
         for event in &events {
             entry.version += 1;
             batch.push_event(NewEvent {
+                event_id: intent.event_id.unwrap_or_else(NewEvent::fresh_id),
                 aggregate_id: id.to_string(),
                 sequence: entry.version,
                 event_type: event.event_type(),
@@ -230,11 +240,7 @@ mod tests {
     }
 
     fn intent(id: Uuid, command: AccountCommand) -> Intent<Account> {
-        Intent {
-            aggregate_id: id,
-            command,
-            metadata: Metadata::default(),
-        }
+        Intent::new(id, command, Metadata::default())
     }
 
     fn deposit(id: Uuid, n: i64) -> Intent<Account> {
@@ -263,8 +269,9 @@ mod tests {
     fn open_account(balance: i64, version: i64) -> Entry<Account> {
         let mut state = Account::default();
         state.fold(&AccountEvent::AccountOpened {
-            owner: "alice".into(),
+            subject_id: Uuid::from_u128(0xa11ce),
             currency: eur(),
+            legacy_owner: None,
         });
         if balance > 0 {
             state.fold(&AccountEvent::MoneyDeposited {
@@ -337,7 +344,7 @@ mod tests {
             intent(
                 id,
                 AccountCommand::Open {
-                    owner: "alice".into(),
+                    subject_id: Uuid::from_u128(0xa11ce),
                     currency: eur(),
                 },
             )
@@ -379,14 +386,14 @@ mod tests {
                 position: 77,
             },
         );
-        let when = Intent {
-            aggregate_id: id,
-            command: TransferCommand::Fail {
+        let when = Intent::new(
+            id,
+            TransferCommand::Fail {
                 code: "insufficient_funds".into(),
                 reason: "refused".into(),
             },
-            metadata: Metadata::default(),
-        };
+            Metadata::default(),
+        );
         // Failing it twice: the second finds it failed and has nothing left to do.
         let then = decide([&when, &when], &given, 100).unwrap();
         assert!(matches!(
@@ -446,7 +453,7 @@ mod tests {
             &[intent(
                 id,
                 AccountCommand::Open {
-                    owner: "bob".into(),
+                    subject_id: Uuid::from_u128(0xb0b),
                     currency: eur(),
                 },
             )],
@@ -464,6 +471,81 @@ mod tests {
             command_id.as_str(),
             "a request without a cause"
         );
+    }
+
+    #[test]
+    fn a_preset_event_id_is_the_id_of_the_commands_event_and_the_others_get_fresh_ones() {
+        let id = Uuid::new_v4();
+        let given = known(vec![(id, open_account(0, 1))], true);
+        let preset = Uuid::now_v7();
+        let mut bound = deposit(id, 5);
+        bound.event_id = Some(preset);
+        let then = decide(&[deposit(id, 1), bound, deposit(id, 2)], &given, 100).unwrap();
+        let ids = then.batch.event_ids();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[1], preset);
+        assert!(
+            ids[0] != preset && ids[2] != preset && ids[0] != ids[2],
+            "{ids:?}"
+        );
+        assert_eq!(ids[0].get_version_num(), 7);
+    }
+
+    /// An aggregate whose one command decides two events: no ledger command does, so the
+    /// rule for preset event ids is shown on this one.
+    #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Twice {
+        happened: u32,
+    }
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Happened;
+
+    impl DomainEvent for Happened {
+        fn event_type(&self) -> String {
+            "Happened".into()
+        }
+        fn event_version(&self) -> String {
+            "1".into()
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    impl Decider for Twice {
+        fn decide(&self, (): ()) -> Result<Vec<Happened>, Never> {
+            Ok(vec![Happened, Happened])
+        }
+        fn fold(&mut self, _: &Happened) {
+            self.happened += 1;
+        }
+        fn read(event: &RecordedEvent) -> Result<Happened, ledger_events::DecodeError> {
+            Err(ledger_events::DecodeError::UnknownType(
+                event.event_type.clone(),
+            ))
+        }
+    }
+
+    crate::domain::aggregate_via_decider!(Twice, "twice", (), Happened, Never);
+
+    #[test]
+    fn a_command_with_a_preset_event_id_that_decides_two_events_is_refused_as_a_defect() {
+        let id = Uuid::new_v4();
+        let mut bound = Intent::<Twice>::new(id, (), Metadata::default());
+        bound.event_id = Some(Uuid::now_v7());
+        let free = Intent::<Twice>::new(Uuid::new_v4(), (), Metadata::default());
+        let then = decide(&[bound, free], &Known::default(), 100).unwrap();
+        assert!(matches!(
+            &then.decisions[0],
+            Decision::Done(Err(LedgerError::Internal(reason))) if reason.contains("preset event id")
+        ));
+        assert!(matches!(
+            &then.decisions[1],
+            Decision::Append { appended: 2, .. }
+        ));
+        assert_eq!(then.batch.len(), 2, "only the free command's events");
     }
 
     fn recorded(

@@ -181,7 +181,11 @@ async fn a_commit_whose_outcome_cannot_be_learned_is_answered_outcome_unknown_an
         "{}",
         unknown.text
     );
-    assert_eq!(app.event_count().await, 1, "the account was in fact opened");
+    assert_eq!(
+        app.account_event_count().await,
+        1,
+        "the account was in fact opened"
+    );
 
     // The retry with the key learns the real outcome and opens nothing more.
     let retried = app.post("/v1/accounts", &body, Some("k-lost")).await;
@@ -189,7 +193,7 @@ async fn a_commit_whose_outcome_cannot_be_learned_is_answered_outcome_unknown_an
     assert_eq!(retried.headers["idempotent-replayed"], "true");
     let id = retried.account_id();
     assert_eq!(app.events_of(id).await.len(), 1);
-    assert_eq!(app.event_count().await, 1);
+    assert_eq!(app.account_event_count().await, 1);
     // The writer decides the next command on what the store holds: the account exists.
     let deposit = app.deposit(id, 5, None).await;
     assert_eq!(deposit.status, 200, "{}", deposit.text);

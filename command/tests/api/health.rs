@@ -26,7 +26,9 @@ async fn readyz_is_503_and_commands_are_503_when_postgres_is_unreachable() {
     let pool = PgPoolOptions::new()
         .acquire_timeout(Duration::from_millis(300))
         .connect_lazy_with(settings.database_url.0.clone());
-    let app = Application::with_pool(&settings, pool).await.unwrap();
+    let app = Application::with_pool(&settings, pool, crate::helpers::test_keyring())
+        .await
+        .unwrap();
     let address = format!("http://127.0.0.1:{}", app.port());
     let server = tokio::spawn(app.run_until_stopped(std::future::pending()));
     let client = reqwest::Client::new();

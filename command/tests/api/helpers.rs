@@ -12,6 +12,15 @@ use uuid::Uuid;
 
 pub use ledger_platform::testing::fresh_database;
 
+/// The key-encryption key the tests' apps run with (`PII_KEK`): id `test`, 32 bytes of
+/// 0x2a, as the end-to-end harness's. Never a production value.
+pub const TEST_KEK: &str = "test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
+/// The keyring of [`TEST_KEK`].
+pub fn test_keyring() -> ledger_pii::Keyring {
+    ledger_pii::Keyring::parse(Some(TEST_KEK), None).expect("the test KEK parses")
+}
+
 /// A running command API on a random port over its own database.
 pub struct TestApp {
     pub address: String,
@@ -63,7 +72,7 @@ pub async fn spawn_app_on(database_url: &str, pool: PgPool, extra: &[&str]) -> T
         .connect_with(settings.database_url.0.clone())
         .await
         .expect("app pool");
-    let app = Application::with_pool(&settings, app_pool)
+    let app = Application::with_pool(&settings, app_pool, test_keyring())
         .await
         .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -114,6 +123,15 @@ impl Answer {
 
     pub fn code(&self) -> &str {
         self.body["code"].as_str().unwrap_or("")
+    }
+
+    pub fn subject_id(&self) -> Uuid {
+        Uuid::parse_str(
+            self.body["subject_id"]
+                .as_str()
+                .expect("subject_id in body"),
+        )
+        .expect("subject_id is a uuid")
     }
 
     pub fn account_id(&self) -> Uuid {
@@ -182,6 +200,7 @@ impl TestApp {
         answer(request.send().await.expect("request sent")).await
     }
 
+    /// Opens an account the deprecated way: by the holder's name (`owner`).
     pub async fn open_account(&self, owner: &str, currency: &str) -> Answer {
         self.post(
             "/v1/accounts",
@@ -191,11 +210,60 @@ impl TestApp {
         .await
     }
 
-    /// Opens an EUR account and returns its id.
+    /// `POST /v1/subjects`.
+    pub async fn register_subject(&self, name: &str, key: Option<&str>) -> Answer {
+        self.post("/v1/subjects", &json!({"name": name}), key).await
+    }
+
+    /// Registers a subject named `name` and returns its id.
+    pub async fn new_subject(&self, name: &str) -> Uuid {
+        let answer = self.register_subject(name, None).await;
+        assert_eq!(answer.status, 201, "{}", answer.text);
+        answer.subject_id()
+    }
+
+    /// `POST /v1/subjects/{id}/erasure`.
+    pub async fn erase_subject(&self, subject: Uuid, key: Option<&str>) -> Answer {
+        self.post(
+            &format!("/v1/subjects/{subject}/erasure"),
+            &Value::Null,
+            key,
+        )
+        .await
+    }
+
+    /// Opens an account for `subject`.
+    pub async fn open_account_for(&self, subject: Uuid, currency: &str) -> Answer {
+        self.post(
+            "/v1/accounts",
+            &json!({"subject_id": subject, "currency": currency}),
+            None,
+        )
+        .await
+    }
+
+    /// Opens an EUR account for a new subject and returns its id.
     pub async fn new_account(&self) -> Uuid {
-        let answer = self.open_account("alice", "EUR").await;
+        let subject = self.new_subject("alice").await;
+        let answer = self.open_account_for(subject, "EUR").await;
         assert_eq!(answer.status, 201, "{}", answer.text);
         answer.account_id()
+    }
+
+    /// A deposit with a reference.
+    pub async fn deposit_with_reference(
+        &self,
+        account: Uuid,
+        amount: i64,
+        reference: &str,
+        key: Option<&str>,
+    ) -> Answer {
+        self.post(
+            &format!("/v1/accounts/{account}/deposits"),
+            &json!({"amount": amount, "currency": "EUR", "reference": reference}),
+            key,
+        )
+        .await
     }
 
     pub async fn deposit(&self, account: Uuid, amount: i64, key: Option<&str>) -> Answer {
@@ -241,6 +309,15 @@ impl TestApp {
     pub async fn close(&self, account: Uuid, key: Option<&str>) -> Answer {
         self.post(&format!("/v1/accounts/{account}/close"), &Value::Null, key)
             .await
+    }
+
+    /// Number of account events in the store (opening an account by `owner` also
+    /// registers a data subject, whose event this does not count).
+    pub async fn account_event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'account'")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count events")
     }
 
     /// Number of events in the store.

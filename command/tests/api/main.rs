@@ -13,5 +13,6 @@ mod health;
 mod helpers;
 mod idempotency;
 mod store;
+mod subjects;
 mod transfers;
 mod writer;

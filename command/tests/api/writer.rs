@@ -147,6 +147,7 @@ async fn duplicates_under_one_key_never_share_a_batch() {
             idempotency_key: key.map(str::to_owned),
             ..Metadata::default()
         },
+        event_id: None,
     };
     // Keep the writer busy: its statement waits on a rival holding the blocker's version 2.
     let mut rival = sqlx::PgConnection::connect(&app.database_url)
@@ -237,6 +238,7 @@ async fn a_command_whose_caller_has_gone_before_it_started_is_never_committed() 
             reference: None,
         },
         metadata: Metadata::default(),
+        event_id: None,
     };
     let mut rival = sqlx::PgConnection::connect(&app.database_url)
         .await
@@ -277,6 +279,7 @@ fn deposit_with(account: uuid::Uuid, amount: i64, metadata: Metadata) -> Intent 
             reference: None,
         },
         metadata,
+        event_id: None,
     }
 }
 
