@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::data_key::{DataKey, SubjectKey};
+use crate::data_key::SubjectKey;
 use crate::store::{KeyStore, StoreError};
 use crate::ERASED_MARKER;
 
@@ -116,7 +116,7 @@ async fn migrate_owner(
     let key = match keys.current(subject).await {
         Ok(key) => Key::Existing(key),
         Err(StoreError::UnknownSubject { .. }) => {
-            Key::New(SubjectKey::new(subject, 1, DataKey::generate()))
+            Key::New(KeyStore::generate(subject))
         }
         Err(StoreError::Erased { .. }) => Key::Erased,
         Err(other) => return Err(other.into()),
@@ -146,17 +146,7 @@ async fn migrate_owner(
         report.erased_subjects += 1;
     }
     if let Key::New(key) = &key {
-        let wrapped = key.wrap(keys.keyring());
-        sqlx::query(
-            "INSERT INTO subject_keys (subject_id, key_version, kek_id, wrapped_key)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(subject)
-        .bind(i32::try_from(key.version()).unwrap_or(1))
-        .bind(wrapped.kek_id.as_str())
-        .bind(&wrapped.bytes)
-        .execute(&mut *conn)
-        .await?;
+        keys.store_in(conn, key).await?;
     }
     report.subjects += 1;
 
