@@ -30,6 +30,19 @@ if [ "$(psql "$ADMIN_URL" -qAtc "SELECT 1 FROM pg_database WHERE datname = 'ledg
   psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger' >/dev/null
 fi
 export DATABASE_URL=${LEDGER_DATABASE_URL:-${ADMIN_URL%/*}/ledger}
+# The key-encryption key of personal data (ADR 0019). Without PII_KEK in the environment a
+# local one is made once and kept outside the checkout: losing it makes every data subject's
+# name and references unreadable, as if each had been erased.
+if [ -z "${PII_KEK:-}" ]; then
+  kek_file=${LEDGER_PII_KEK_FILE:-$HOME/.local/ledger/pii_kek}
+  if [ ! -s "$kek_file" ]; then
+    mkdir -p "$(dirname "$kek_file")"
+    (umask 077 && printf 'local-%s:%s\n' "$(date +%Y%m%d)" "$(head -c 32 /dev/urandom | base64)" >"$kek_file")
+    log "made a local key-encryption key in $kek_file (keep it: without it names are gone)"
+  fi
+  PII_KEK=$(cat "$kek_file")
+  export PII_KEK
+fi
 export LOG_FORMAT=${LOG_FORMAT:-pretty}
 bin="${CARGO_TARGET_DIR:-target}/release"
 
