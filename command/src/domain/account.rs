@@ -145,7 +145,13 @@ impl Decider for Account {
         match command {
             AccountCommand::Open { owner, currency } => match self.status {
                 AccountStatus::Unopened => {
-                    Ok(vec![AccountEvent::AccountOpened { owner, currency }])
+                    // Placeholder of the read half (h42) so the workspace compiles; the write
+                    // half (h41) replaces `owner` by a subject id chosen by the API.
+                    Ok(vec![AccountEvent::AccountOpened {
+                        subject_id: ledger_events::subject::legacy_subject_id(&owner),
+                        currency,
+                        legacy_owner: None,
+                    }])
                 }
                 AccountStatus::Open | AccountStatus::Closed => Err(AccountError::AlreadyExists),
             },
@@ -247,9 +253,15 @@ impl Decider for Account {
     /// room for every refund still possible (ADR 0016).
     fn fold(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::AccountOpened { owner, currency } => {
+            AccountEvent::AccountOpened {
+                subject_id,
+                currency,
+                legacy_owner,
+            } => {
                 self.status = AccountStatus::Open;
-                self.owner.clone_from(owner);
+                self.owner = legacy_owner
+                    .clone()
+                    .unwrap_or_else(|| subject_id.to_string());
                 self.currency = Some(*currency);
             }
             AccountEvent::MoneyDeposited { amount, .. } => {
