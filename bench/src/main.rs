@@ -390,6 +390,12 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
     let ceiling = started.elapsed();
     assert_eq!(i64::try_from(read).unwrap_or(0), total);
 
+    // Rebuilds decrypt personal fields: the keyring from PII_KEK / PII_KEK_PREVIOUS.
+    let keys = ledger_pii::KeyStore::new(
+        pool.clone(),
+        ledger_pii::Keyring::from_env().unwrap_or_else(|err| panic!("{err}")),
+        ledger_pii::CacheSettings::default(),
+    );
     // `all`: every projection in turn, each a full rebuild of its own (one log read each).
     let projections: Vec<&str> = if projection == "all" {
         ledger_readmodels::names::ALL.to_vec()
@@ -402,7 +408,7 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
     for name in &projections {
         let started = Instant::now();
         let report =
-            ledger_projector::ops::rebuild::rebuild(&pool, name, batch_size, false, |_| {})
+            ledger_projector::ops::rebuild::rebuild(&pool, &keys, name, batch_size, false, |_| {})
                 .await
                 .unwrap();
         let took = started.elapsed();
@@ -445,7 +451,7 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
         // as when an operator starts them from several shells).
         let started = Instant::now();
         let reports = futures::future::join_all(projections.iter().map(|name| {
-            ledger_projector::ops::rebuild::rebuild(&pool, name, batch_size, false, |_| {})
+            ledger_projector::ops::rebuild::rebuild(&pool, &keys, name, batch_size, false, |_| {})
         }))
         .await;
         let together = started.elapsed();
@@ -461,6 +467,7 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
         let started = Instant::now();
         let reports = ledger_projector::ops::rebuild::rebuild_many(
             &pool,
+            &keys,
             &projections,
             batch_size,
             |_, _| {},

@@ -44,6 +44,8 @@ pub struct Job {
 #[derive(Clone)]
 pub struct AdminState {
     pool: PgPool,
+    /// The data keys rebuilds, replays and retries decrypt with.
+    keys: ledger_pii::KeyStore,
     jobs: Arc<Mutex<HashMap<String, Job>>>,
     batch_size: i64,
 }
@@ -56,9 +58,10 @@ impl std::fmt::Debug for AdminState {
 
 /// The admin routes, behind API keys with the `admin` scope (or the break-glass
 /// `ADMIN_TOKEN`); `auth` says how keys are checked and rate limited.
-pub fn router(pool: PgPool, auth: Auth, batch_size: i64) -> Router {
+pub fn router(pool: PgPool, keys: ledger_pii::KeyStore, auth: Auth, batch_size: i64) -> Router {
     let state = AdminState {
         pool,
+        keys,
         jobs: Arc::default(),
         batch_size,
     };
@@ -117,7 +120,7 @@ fn problem(err: OpError) -> Problem {
             "Service unavailable",
             err.to_string(),
         ),
-        OpError::Kafka(_) | OpError::Database(_) => {
+        OpError::Kafka(_) | OpError::Database(_) | OpError::Keyring(_) | OpError::Keys(_) => {
             tracing::error!(error = %err, "admin operation failed");
             Problem::internal()
         }
@@ -163,6 +166,7 @@ async fn start_rebuild(
     }
     let jobs = state.jobs.clone();
     let pool = state.pool.clone();
+    let keys = state.keys.clone();
     let batch_size = state.batch_size;
     let projection = name.clone();
     tokio::spawn(async move {
@@ -170,6 +174,7 @@ async fn start_rebuild(
         let progress_name = projection.clone();
         let result = rebuild::rebuild(
             &pool,
+            &keys,
             &projection,
             batch_size,
             query.dry_run,
@@ -236,6 +241,7 @@ fn start_rebuild_in_one_pass(
     }
     let jobs = state.jobs.clone();
     let pool = state.pool.clone();
+    let keys = state.keys.clone();
     let batch_size = state.batch_size;
     let all = name.clone();
     let projections = selected.clone();
@@ -246,6 +252,7 @@ fn start_rebuild_in_one_pass(
         let watched = projections.clone();
         let result = rebuild::rebuild_many(
             &pool,
+            &keys,
             &projections,
             batch_size,
             move |projection, progress| {
@@ -331,9 +338,15 @@ async fn replay_range(
     Path(name): Path<String>,
     Json(body): Json<ReplayBody>,
 ) -> Result<axum::Json<replay::ReplayReport>, Problem> {
-    let report = replay::replay(&state.pool, &name, body.from, body.to.unwrap_or(i64::MAX))
-        .await
-        .map_err(problem)?;
+    let report = replay::replay(
+        &state.pool,
+        &state.keys,
+        &name,
+        body.from,
+        body.to.unwrap_or(i64::MAX),
+    )
+    .await
+    .map_err(problem)?;
     Ok(axum::Json(report))
 }
 
@@ -377,7 +390,7 @@ async fn retry_letter(
 ) -> Result<axum::Json<dead_letters::Shown>, Problem> {
     let actor = actor(key.as_ref().map(|k| &k.0), &headers);
     Ok(axum::Json(
-        dead_letters::retry(&state.pool, id, &actor)
+        dead_letters::retry(&state.pool, &state.keys, id, &actor)
             .await
             .map_err(problem)?,
     ))

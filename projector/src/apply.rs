@@ -30,10 +30,15 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use ledger_events::{AccountEvent, LedgerEvent, RecordedEvent, TransferEvent};
+use std::collections::HashMap;
+
+use ledger_events::subject::fields as subject_fields;
+use ledger_events::{AccountEvent, LedgerEvent, RecordedEvent, SubjectEvent, TransferEvent};
+use ledger_pii::{DecryptError, KeyStore, StoreError, ERASED_MARKER};
 use ledger_readmodels::dead_letters::{self, NewDeadLetter};
+use ledger_readmodels::subjects::{self, SubjectChange};
 use ledger_readmodels::{
-    guards, names, notify_changes, owner_totals, progress, statements, summaries, transfers,
+    guards, names, notify_changes, progress, statements, subject_totals, summaries, transfers,
     ApplyError,
 };
 use ledger_store::LogCursor;
@@ -134,14 +139,17 @@ impl BatchHandler for crate::transfers::ProcessManager {
 #[derive(Debug, Clone)]
 pub struct Applier {
     pool: PgPool,
+    /// The data keys personal fields are decrypted with.
+    keys: KeyStore,
     /// Consumer group and topic, for partition progress (Kafka only).
     kafka: Option<(String, String)>,
 }
 
 impl Applier {
-    /// An applier over `pool`; `kafka` is `(group, topic)` when consuming Kafka.
-    pub fn new(pool: PgPool, kafka: Option<(String, String)>) -> Self {
-        Self { pool, kafka }
+    /// An applier over `pool` decrypting with `keys`; `kafka` is `(group, topic)` when
+    /// consuming Kafka.
+    pub fn new(pool: PgPool, keys: KeyStore, kafka: Option<(String, String)>) -> Self {
+        Self { pool, keys, kafka }
     }
 
     /// Applies `batch` in one transaction.
@@ -188,7 +196,7 @@ impl Applier {
                 }
             }
         }
-        apply_events(&mut tx, &names::ALL, &events, &mut outcome).await?;
+        apply_events(&mut tx, &self.keys, &names::ALL, &events, &mut outcome).await?;
         let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
         let cursor = batch.iter().rev().find_map(|item| match item.origin() {
             Origin::Store { cursor } => Some(cursor),
@@ -364,11 +372,12 @@ fn refused_by(err: &sqlx::Error) -> String {
 /// which is dead-lettered per projection with the database's reason.
 pub async fn apply_events(
     tx: &mut PgConnection,
+    keys: &KeyStore,
     projections: &[&str],
     events: &[(&RecordedEvent, Origin)],
     outcome: &mut Applied,
 ) -> Result<(), sqlx::Error> {
-    let decoded = Decoded::of(events.iter().map(|(event, _)| *event));
+    let decoded = Decoded::of(keys, events.iter().map(|(event, _)| *event));
     apply_decoded(tx, projections, events, &decoded, outcome).await
 }
 
@@ -390,17 +399,27 @@ pub async fn apply_decoded(
 
 /// The decoded payloads of a batch's events, decoded once and shared by every projection
 /// (and every half of a bisected batch): decoding is much of a rebuild's CPU time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoded<'a> {
     by_id: std::collections::HashMap<uuid::Uuid, (&'a RecordedEvent, DecodeResult)>,
+    /// The data keys personal fields are decrypted with, while the batch is applied.
+    keys: KeyStore,
 }
 
 /// A decoded event, or why it does not decode (the dead letter's reason).
 type DecodeResult = Result<LedgerEvent, String>;
 
 impl<'a> Decoded<'a> {
-    /// Decodes each of `events` once.
-    pub fn of(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Self {
+    /// Nothing decoded yet: every event is decoded where it is needed.
+    pub fn empty(keys: &KeyStore) -> Self {
+        Self {
+            by_id: std::collections::HashMap::new(),
+            keys: keys.clone(),
+        }
+    }
+
+    /// Decodes each of `events` once; personal fields are decrypted with `keys`.
+    pub fn of(keys: &KeyStore, events: impl IntoIterator<Item = &'a RecordedEvent>) -> Self {
         let by_id = events
             .into_iter()
             .map(|event| {
@@ -410,7 +429,10 @@ impl<'a> Decoded<'a> {
                 )
             })
             .collect();
-        Self { by_id }
+        Self {
+            by_id,
+            keys: keys.clone(),
+        }
     }
 
     /// `event` decoded: from the cache when it holds this very event, else decoded now.
@@ -664,13 +686,61 @@ async fn dead_letter(
 }
 
 /// Decodes `events` and applies them to `projection` (its rows only; the guards are the
-/// caller's). Returns the events refused: (index in `events`, reason).
+/// caller's), decrypting personal fields with `keys`. Returns the events refused: (index
+/// in `events`, reason).
 pub async fn project_batch(
     tx: &mut PgConnection,
+    keys: &KeyStore,
     projection: &str,
     events: &[&RecordedEvent],
 ) -> Result<Vec<(usize, String)>, sqlx::Error> {
-    project_decoded(tx, projection, events, &Decoded::default()).await
+    project_decoded(tx, projection, events, &Decoded::empty(keys)).await
+}
+
+/// Why a personal field of an event gave no text to show.
+enum Unrevealed {
+    /// The event's fault (the dead letter's reason): authentication failed, malformed,
+    /// unknown subject or version, no data subject. Never holds plaintext or ciphertext.
+    Refused(String),
+    /// PostgreSQL failed while loading the key: the batch is retried.
+    Database(sqlx::Error),
+}
+
+/// The text to show for the personal `field` of `event`, sealed under `subject`'s key:
+/// the plaintext, or [`ERASED_MARKER`] when the subject's key was destroyed (never a dead
+/// letter: a rebuild or replay after an erasure gives the marker, as live apply does).
+async fn reveal(
+    keys: &KeyStore,
+    event: &RecordedEvent,
+    subject: Option<&str>,
+    field: &str,
+    text: &str,
+) -> Result<String, Unrevealed> {
+    let Some(subject) = subject.and_then(|s| s.parse::<uuid::Uuid>().ok()) else {
+        return Err(Unrevealed::Refused(format!(
+            "{} {}: no data subject to decrypt its {field} with",
+            event.event_type, event.event_id
+        )));
+    };
+    match keys.decrypt(subject, event.event_id, field, text).await {
+        Ok(plaintext) => Ok(plaintext),
+        Err(DecryptError::KeyErased { .. }) => Ok(ERASED_MARKER.to_owned()),
+        Err(DecryptError::KeyUnavailable(StoreError::Database(err))) => {
+            Err(Unrevealed::Database(err))
+        }
+        Err(err) => {
+            let mut reason = format!(
+                "{} {}: its {field} cannot be decrypted: {err}",
+                event.event_type, event.event_id
+            );
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                reason.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            Err(Unrevealed::Refused(reason))
+        }
+    }
 }
 
 /// [`project_batch`] with the payloads looked up in `decoded` first.
@@ -682,18 +752,83 @@ async fn project_decoded(
 ) -> Result<Vec<(usize, String)>, sqlx::Error> {
     let mut refused = Vec::new();
     let mut accounts: Vec<(usize, &RecordedEvent, &AccountEvent)> = Vec::new();
+    let mut subject_events: Vec<(usize, &RecordedEvent, &SubjectEvent)> = Vec::new();
+    let mut for_subjects: Vec<(usize, &RecordedEvent, &LedgerEvent)> = Vec::new();
     let mut transfer_events: Vec<(usize, &RecordedEvent, &TransferEvent)> = Vec::new();
+    // By event id: the text to show for an encrypted field (decrypted, or the marker).
+    let mut shown: HashMap<uuid::Uuid, String> = HashMap::new();
     let takes_accounts = matches!(
         projection,
-        names::ACCOUNT_SUMMARY | names::ACCOUNT_STATEMENT | names::OWNER_TOTALS
+        names::ACCOUNT_SUMMARY | names::ACCOUNT_STATEMENT | names::SUBJECT_TOTALS
     );
     let payloads: Vec<Cow<'_, DecodeResult>> =
         events.iter().map(|event| decoded.get(event)).collect();
     for (index, (event, payload)) in events.iter().zip(&payloads).enumerate() {
+        // The one personal field of this event this projection shows, if any.
+        let sealed: Option<(Option<&str>, &str, &str)> = match (projection, payload.as_ref()) {
+            (
+                names::ACCOUNT_STATEMENT,
+                Ok(LedgerEvent::Account(
+                    AccountEvent::MoneyDeposited {
+                        reference: Some(text),
+                        ..
+                    }
+                    | AccountEvent::MoneyWithdrawn {
+                        reference: Some(text),
+                        ..
+                    },
+                )),
+            ) if ledger_pii::is_encrypted(text) => Some((
+                event.metadata.data_subject.as_deref(),
+                subject_fields::REFERENCE,
+                text.as_str(),
+            )),
+            (
+                names::SUBJECTS,
+                Ok(LedgerEvent::Subject(SubjectEvent::SubjectRegistered { name })),
+            ) => {
+                if !ledger_pii::is_encrypted(name) {
+                    refused.push((
+                        index,
+                        format!(
+                            "{} {}: its name is not a pii1 ciphertext",
+                            event.event_type, event.event_id
+                        ),
+                    ));
+                    continue;
+                }
+                Some((
+                    Some(event.aggregate_id.as_str()),
+                    subject_fields::NAME,
+                    name.as_str(),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((subject, field, text)) = sealed {
+            match reveal(&decoded.keys, event, subject, field, text).await {
+                Ok(text) => {
+                    shown.insert(event.event_id, text);
+                }
+                Err(Unrevealed::Refused(reason)) => {
+                    refused.push((index, reason));
+                    continue;
+                }
+                Err(Unrevealed::Database(err)) => return Err(err),
+            }
+        }
         match payload.as_ref() {
             Err(err) => refused.push((index, err.clone())),
+            Ok(ledger @ (LedgerEvent::Account(_) | LedgerEvent::Subject(_)))
+                if projection == names::SUBJECTS =>
+            {
+                for_subjects.push((index, *event, ledger));
+            }
             Ok(LedgerEvent::Account(account)) if takes_accounts => {
                 accounts.push((index, *event, account));
+            }
+            Ok(LedgerEvent::Subject(subject)) if projection == names::ACCOUNT_STATEMENT => {
+                subject_events.push((index, *event, subject));
             }
             Ok(LedgerEvent::Transfer(transfer)) if projection == names::TRANSFERS => {
                 transfer_events.push((index, *event, transfer));
@@ -712,13 +847,43 @@ async fn project_decoded(
             accounts.iter().map(|(_, e, d)| (*e, *d)).collect();
         let by_model = match projection {
             names::ACCOUNT_SUMMARY => summaries::apply_batch(tx, &batch).await?,
-            names::ACCOUNT_STATEMENT => statements::apply_batch(tx, &batch).await?,
-            _ => owner_totals::apply_batch(tx, &batch).await?,
+            names::ACCOUNT_STATEMENT => statements::apply_batch(tx, &batch, &shown).await?,
+            _ => subject_totals::apply_batch(tx, &batch).await?,
         };
         refused.extend(
             by_model
                 .into_iter()
                 .map(|(i, reason)| (accounts[i].0, reason)),
+        );
+    }
+    if !subject_events.is_empty() {
+        let batch: Vec<(&RecordedEvent, &SubjectEvent)> =
+            subject_events.iter().map(|(_, e, d)| (*e, *d)).collect();
+        refused.extend(
+            statements::apply_subject_batch(tx, &batch)
+                .await?
+                .into_iter()
+                .map(|(i, reason)| (subject_events[i].0, reason)),
+        );
+    }
+    if !for_subjects.is_empty() {
+        let mut batch: Vec<(&RecordedEvent, SubjectChange<'_>)> =
+            Vec::with_capacity(for_subjects.len());
+        let mut indexes = Vec::with_capacity(for_subjects.len());
+        for (index, event, ledger) in &for_subjects {
+            match SubjectChange::of(ledger, shown.get(&event.event_id).map(String::as_str)) {
+                Ok(change) => {
+                    batch.push((*event, change));
+                    indexes.push(*index);
+                }
+                Err(reason) => refused.push((*index, reason)),
+            }
+        }
+        refused.extend(
+            subjects::apply_batch(tx, &batch)
+                .await?
+                .into_iter()
+                .map(|(i, reason)| (indexes[i], reason)),
         );
     }
     if !transfer_events.is_empty() {
@@ -739,10 +904,11 @@ async fn project_decoded(
 /// operator's retry of a dead letter): the same code as a batch of one.
 pub async fn project(
     tx: &mut PgConnection,
+    keys: &KeyStore,
     projection: &str,
     event: &RecordedEvent,
 ) -> Result<(), ApplyError> {
-    match project_batch(tx, projection, &[event]).await?.pop() {
+    match project_batch(tx, keys, projection, &[event]).await?.pop() {
         Some((_, reason)) => Err(ApplyError::Refused(reason)),
         None => Ok(()),
     }

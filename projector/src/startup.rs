@@ -13,10 +13,46 @@ use crate::{source_kafka, source_store};
 
 pub use ledger_platform::startup::StartupError;
 
+/// Why the projector does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The database, a client or the listen address.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    /// `PII_KEK` / `PII_KEK_PREVIOUS` are missing or malformed (the message names the
+    /// setting, never its value).
+    #[error(transparent)]
+    Keyring(#[from] ledger_pii::KeyringError),
+    /// The configured key-encryption keys do not open the data keys stored in
+    /// `subject_keys` (a KEK missing from `PII_KEK_PREVIOUS`, or wrong key material).
+    #[error("the personal-data keys cannot be checked: {detail}")]
+    Keys {
+        /// The error's chain of causes, which names the KEK id and the settings.
+        detail: String,
+        /// The key store's error.
+        #[source]
+        source: ledger_pii::StoreError,
+    },
+}
+
+/// `err` and its causes, one after the other.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A projector ready to run.
 pub struct Application {
     settings: Settings,
     pool: sqlx::PgPool,
+    /// The data keys personal fields are decrypted with (checked at start-up).
+    keys: ledger_pii::KeyStore,
     listener: TcpListener,
     state: StatusState,
     transfers_consumer: Option<Arc<rdkafka::consumer::StreamConsumer>>,
@@ -33,13 +69,29 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     /// Connects, checks the schema, configures the source, binds the status port.
-    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+    pub async fn build(settings: Settings) -> Result<Self, BuildError> {
+        // The keyring first: a missing or malformed key-encryption key refuses to start
+        // before anything else is tried.
+        let keyring = ledger_pii::Keyring::from_env()?;
         let pool = ledger_platform::startup::pool(
             settings.database_url.0.clone(),
             settings.database_max_connections,
             std::time::Duration::from_secs(5),
         )
         .await?;
+        let keys =
+            ledger_pii::KeyStore::new(pool.clone(), keyring, ledger_pii::CacheSettings::default());
+        let checked = keys
+            .verify_keyring()
+            .await
+            .map_err(|source| BuildError::Keys {
+                detail: chain(&source),
+                source,
+            })?;
+        tracing::info!(
+            kek_ids = ?checked.iter().map(|id| id.as_str()).collect::<Vec<_>>(),
+            "key-encryption keys checked against the stored data keys"
+        );
         let kafka_client = |group: &str| match &settings.kafka_brokers {
             Some(brokers) => source_kafka::consumer(&settings, brokers, group)
                 .map(|consumer| Some(Arc::new(consumer)))
@@ -62,6 +114,7 @@ impl Application {
             Ok(stale) if settings.auto_rebuild => {
                 for projection in stale {
                     let pool = pool.clone();
+                    let keys = keys.clone();
                     let batch_size = settings.batch_size;
                     tokio::spawn(async move {
                         tracing::info!(%projection, "rebuilding: built by another version");
@@ -71,6 +124,7 @@ impl Application {
                         loop {
                             match crate::ops::rebuild::rebuild(
                                 &pool,
+                                &keys,
                                 &projection,
                                 batch_size,
                                 false,
@@ -109,6 +163,7 @@ impl Application {
         Ok(Self {
             settings,
             pool,
+            keys,
             listener,
             state,
             transfers_consumer,
@@ -141,6 +196,7 @@ impl Application {
         auth_settings.auth_mode = ledger_platform::auth::AuthMode::ApiKeys;
         let admin = crate::admin::router(
             self.pool.clone(),
+            self.keys.clone(),
             auth_settings
                 .auth(self.pool.clone())
                 .with_admin_token(self.settings.admin_token.clone()),
@@ -151,6 +207,11 @@ impl Application {
                 let _ = server_stop.wait_for(|stopped| *stopped).await;
             });
         let server = tokio::spawn(async move { server.await });
+        let erasures = tokio::spawn(forget_erased(
+            self.pool.clone(),
+            self.keys.clone(),
+            stop_rx.clone(),
+        ));
         let process_manager = self.settings.transfers.then(|| {
             tokio::spawn(run_process_manager(
                 self.settings.clone(),
@@ -162,7 +223,11 @@ impl Application {
         });
         match &self.state.kafka {
             Some((consumer, group, topic)) => {
-                let applier = Applier::new(self.pool.clone(), Some((group.clone(), topic.clone())));
+                let applier = Applier::new(
+                    self.pool.clone(),
+                    self.keys.clone(),
+                    Some((group.clone(), topic.clone())),
+                );
                 if let Err(err) = source_kafka::run(
                     self.settings.clone(),
                     consumer.clone(),
@@ -176,7 +241,7 @@ impl Application {
                 }
             }
             None => {
-                let applier = Applier::new(self.pool.clone(), None);
+                let applier = Applier::new(self.pool.clone(), self.keys.clone(), None);
                 source_store::run(
                     applier,
                     crate::apply::STORE_READER,
@@ -193,6 +258,9 @@ impl Application {
             if let Err(err) = process_manager.await {
                 tracing::error!(error = %err, "transfer process manager panicked");
             }
+        }
+        if let Err(err) = erasures.await {
+            tracing::error!(error = %err, "erasure listener panicked");
         }
         let result = server.await.unwrap_or(Ok(()));
         self.pool.close().await;
@@ -252,5 +320,56 @@ async fn run_process_manager(
     }
     if let Err(err) = sweep.await {
         tracing::error!(error = %err, "sweep of stuck transfers panicked");
+    }
+}
+
+/// Drops a subject's cached data keys as soon as another process erases it (a notification
+/// on [`ledger_pii::ERASURE_CHANNEL`]), so decryption stops at once rather than when the
+/// cache entry expires. Reconnects after a lost connection; a notification missed meanwhile
+/// is covered by the cache's TTL, and the statement projection never relies on this for
+/// correctness (it checks `subject_keys` under the erasure lock).
+async fn forget_erased(
+    pool: sqlx::PgPool,
+    keys: ledger_pii::KeyStore,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = std::time::Duration::from_millis(200);
+    while !*stop.borrow() {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(ledger_pii::ERASURE_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match listener.await {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "erasure listener cannot connect");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|stopped| *stopped) => return,
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = std::time::Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                notification = listener.recv() => match notification {
+                    Ok(notification) => match notification.payload().parse::<uuid::Uuid>() {
+                        Ok(subject) => {
+                            keys.forget(subject);
+                            tracing::info!(subject = %subject, "erased subject's keys forgotten");
+                        }
+                        Err(_) => tracing::warn!("erasure notification without a subject id"),
+                    },
+                    Err(err) => {
+                        tracing::warn!(error = %err, "erasure listener lost its connection");
+                        break;
+                    }
+                },
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            }
+        }
     }
 }

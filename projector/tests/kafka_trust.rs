@@ -14,6 +14,19 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// The data keys, under the end-to-end harness's test KEK.
+fn keys(pool: &sqlx::PgPool) -> ledger_pii::KeyStore {
+    ledger_pii::KeyStore::new(
+        pool.clone(),
+        ledger_pii::Keyring::parse(
+            Some("test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
+            None,
+        )
+        .unwrap(),
+        ledger_pii::CacheSettings::default(),
+    )
+}
+
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
 
 /// Stores A's events: opened, +10, +5; returns them as stored.
@@ -81,7 +94,7 @@ async fn a_message_whose_event_the_store_does_not_hold_is_dead_lettered_and_repa
 ) {
     let (_url, pool) = fresh_database().await;
     let stored = store_account(&pool).await;
-    let applier = Applier::new(pool.clone(), Some(("g".into(), "t".into())));
+    let applier = Applier::new(pool.clone(), keys(&pool), Some(("g".into(), "t".into())));
 
     // A forged event far ahead of the store: a gap from 1 to 9 that the store cannot fill.
     let mut forged = stored[2].clone();
@@ -126,7 +139,7 @@ async fn a_message_whose_event_the_store_does_not_hold_is_dead_lettered_and_repa
 async fn a_message_with_a_sequence_below_one_is_dead_lettered_not_dropped() {
     let (_url, pool) = fresh_database().await;
     let stored = store_account(&pool).await;
-    let applier = Applier::new(pool.clone(), Some(("g".into(), "t".into())));
+    let applier = Applier::new(pool.clone(), keys(&pool), Some(("g".into(), "t".into())));
     applier
         .apply_batch(&[message(&stored[0], 0, None)])
         .await
@@ -159,7 +172,7 @@ async fn a_message_with_a_sequence_below_one_is_dead_lettered_not_dropped() {
 async fn a_nul_byte_in_a_header_is_dead_lettered_and_the_partition_moves_on() {
     let (_url, pool) = fresh_database().await;
     let stored = store_account(&pool).await;
-    let applier = Applier::new(pool.clone(), Some(("g".into(), "t".into())));
+    let applier = Applier::new(pool.clone(), keys(&pool), Some(("g".into(), "t".into())));
     let poisoned = format!("{A}\0");
     let batch = [
         message(&stored[0], 0, None),

@@ -21,6 +21,19 @@ use tokio::sync::Notify;
 const T: &str = "00000000-0000-0000-0000-0000000000f1";
 const U: &str = "00000000-0000-0000-0000-0000000000f2";
 
+/// The data keys, under the end-to-end harness's test KEK.
+fn keys(pool: &PgPool) -> ledger_pii::KeyStore {
+    ledger_pii::KeyStore::new(
+        pool.clone(),
+        ledger_pii::Keyring::parse(
+            Some("test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
+            None,
+        )
+        .unwrap(),
+        ledger_pii::CacheSettings::default(),
+    )
+}
+
 /// Accounts of two owners with openings, deposits and withdrawals, a completed transfer, a
 /// failed one, and events every projection or some refuse (dead letters): money for an
 /// account never opened, an account opened twice, an event type nobody knows, an aggregate
@@ -175,7 +188,7 @@ async fn store_events(pool: &PgPool) -> i64 {
 /// What the live projector does in store mode: the log in small batches through
 /// `Applier::apply_batch`, every projection in each batch's transaction.
 async fn project_live(pool: &PgPool) {
-    let applier = Applier::new(pool.clone(), None);
+    let applier = Applier::new(pool.clone(), keys(pool), None);
     let mut cursor = LogCursor::default();
     loop {
         let batch = ledger_store::read_after(pool, cursor, 13).await.unwrap();
@@ -202,8 +215,9 @@ async fn models(pool: &PgPool) -> Value {
         "SELECT jsonb_build_object(
             'summaries', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id) FROM account_summaries t),
             'statements', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id, sequence) FROM account_statements t),
-            'totals', (SELECT jsonb_agg(to_jsonb(t) ORDER BY owner, currency) FROM owner_totals t),
-            'total_accounts', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id) FROM owner_total_accounts t),
+            'totals', (SELECT jsonb_agg(to_jsonb(t) ORDER BY subject_id, currency) FROM subject_totals t),
+            'total_accounts', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id) FROM subject_total_accounts t),
+            'subjects', (SELECT jsonb_agg(to_jsonb(t) ORDER BY subject_id) FROM subjects t),
             'transfers', (SELECT jsonb_agg(to_jsonb(t) ORDER BY transfer_id) FROM transfers t),
             'guards', (SELECT jsonb_agg(to_jsonb(t) ORDER BY projection, aggregate_id) FROM projection_guards t),
             'letters', (SELECT jsonb_agg(jsonb_build_object('p', projection, 'e', event_id, 'r', reason)
@@ -297,7 +311,7 @@ async fn one_pass_rebuild_of_all_projections_equals_live_and_resumes_after_a_sto
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE owner_totals SET balance = 0")
+    sqlx::query("UPDATE subject_totals SET balance = 0")
         .execute(&pool)
         .await
         .unwrap();
@@ -308,33 +322,50 @@ async fn one_pass_rebuild_of_all_projections_equals_live_and_resumes_after_a_sto
     stopped_half_way(
         &pool,
         async {
-            rebuild::rebuild(&pool, names::ACCOUNT_STATEMENT, 10, false, move |p| {
-                if p.events >= total / 4 {
-                    flag.notify_one();
-                }
-            })
+            rebuild::rebuild(
+                &pool,
+                &keys(&pool),
+                names::ACCOUNT_STATEMENT,
+                10,
+                false,
+                move |p| {
+                    if p.events >= total / 4 {
+                        flag.notify_one();
+                    }
+                },
+            )
             .await
             .map(|report| vec![report])
         },
         stop,
     )
     .await;
-    // ... then a pass over all four, stopped once account_summary is half way (the
+    // ... then a pass over all of them, stopped once account_summary is half way (the
     // statement's shadow resumes from its own cursor inside the same pass)...
     let stop = Arc::new(Notify::new());
     let flag = stop.clone();
     stopped_half_way(
         &pool,
-        rebuild::rebuild_many(&pool, &names::ALL, 10, move |projection, p| {
-            if projection == names::ACCOUNT_SUMMARY && p.events >= total / 2 {
-                flag.notify_one();
-            }
-        }),
+        rebuild::rebuild_many(
+            &pool,
+            &keys(&pool),
+            &names::ALL,
+            10,
+            move |projection, p| {
+                if projection == names::ACCOUNT_SUMMARY && p.events >= total / 2 {
+                    flag.notify_one();
+                }
+            },
+        ),
         stop,
     )
     .await;
     let left = shadows(&pool).await;
-    assert_eq!(left.len(), 4, "every shadow is left half built: {left:?}");
+    assert_eq!(
+        left.len(),
+        names::ALL.len(),
+        "every shadow is left half built: {left:?}"
+    );
     for (projection, events) in &left {
         assert!(
             *events > 0 && *events < total,
@@ -344,7 +375,7 @@ async fn one_pass_rebuild_of_all_projections_equals_live_and_resumes_after_a_sto
 
     // ... and the pass again: it resumes each shadow where it stopped and swaps them all in.
     let mut seen: Vec<(String, Progress)> = Vec::new();
-    let reports = rebuild::rebuild_many(&pool, &["all"], 10, |projection, p| {
+    let reports = rebuild::rebuild_many(&pool, &keys(&pool), &["all"], 10, |projection, p| {
         seen.push((projection.to_owned(), p));
     })
     .await
@@ -374,7 +405,7 @@ async fn one_pass_rebuild_of_all_projections_equals_live_and_resumes_after_a_sto
 
     // And the dry run agrees, projection by projection.
     for projection in names::ALL {
-        let report = rebuild::dry_run(&pool, projection, 50, |_| {}, &mut |_| {})
+        let report = rebuild::dry_run(&pool, &keys(&pool), projection, 50, |_| {}, &mut |_| {})
             .await
             .unwrap();
         assert!(
@@ -401,7 +432,9 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
         .unwrap();
     let pass = {
         let pool = pool.clone();
-        tokio::spawn(async move { rebuild::rebuild_many(&pool, &["all"], 50, |_, _| {}).await })
+        tokio::spawn(async move {
+            rebuild::rebuild_many(&pool, &keys(&pool), &["all"], 50, |_, _| {}).await
+        })
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -412,7 +445,7 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
         .fetch_one(&pool)
         .await
         .unwrap();
-        if locks == 4 {
+        if locks == i64::try_from(names::ALL.len()).unwrap() {
             break;
         }
         assert!(
@@ -425,17 +458,30 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
     let bounded = Duration::from_secs(30);
     let one = tokio::time::timeout(
         bounded,
-        rebuild::rebuild(&pool, names::OWNER_TOTALS, 50, false, |_| {}),
+        rebuild::rebuild(
+            &pool,
+            &keys(&pool),
+            names::SUBJECT_TOTALS,
+            50,
+            false,
+            |_| {},
+        ),
     )
     .await
     .expect("refused at once, not let through");
     assert!(
-        matches!(&one, Err(OpError::AlreadyRunning(p)) if p == names::OWNER_TOTALS),
+        matches!(&one, Err(OpError::AlreadyRunning(p)) if p == names::SUBJECT_TOTALS),
         "{one:?}"
     );
     let second = tokio::time::timeout(
         bounded,
-        rebuild::rebuild_many(&pool, &["transfers,account_statement"], 50, |_, _| {}),
+        rebuild::rebuild_many(
+            &pool,
+            &keys(&pool),
+            &["transfers,account_statement"],
+            50,
+            |_, _| {},
+        ),
     )
     .await
     .expect("refused at once, not let through");
@@ -451,22 +497,29 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
     // One projection's rebuild running (its lock held): a pass over all is refused before it
     // builds anything, and leaves none of the other locks held.
     let mut holder = pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtext('ledger-rebuild:owner_totals'))")
+    sqlx::query("SELECT pg_advisory_lock(hashtext('ledger-rebuild:subject_totals'))")
         .execute(&mut *holder)
         .await
         .unwrap();
-    let refused = rebuild::rebuild_many(&pool, &["all"], 50, |_, _| {}).await;
+    let refused = rebuild::rebuild_many(&pool, &keys(&pool), &["all"], 50, |_, _| {}).await;
     assert!(
-        matches!(&refused, Err(OpError::AlreadyRunning(p)) if p == names::OWNER_TOTALS),
+        matches!(&refused, Err(OpError::AlreadyRunning(p)) if p == names::SUBJECT_TOTALS),
         "{refused:?}"
     );
     assert!(
         shadows(&pool).await.is_empty(),
         "a refused pass built nothing"
     );
-    let alone = rebuild::rebuild(&pool, names::ACCOUNT_SUMMARY, 50, false, |_| {})
-        .await
-        .unwrap();
+    let alone = rebuild::rebuild(
+        &pool,
+        &keys(&pool),
+        names::ACCOUNT_SUMMARY,
+        50,
+        false,
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert!(alone.swapped, "the refused pass released the locks it took");
     sqlx::query("SELECT pg_advisory_unlock_all()")
         .execute(&mut *holder)
@@ -475,11 +528,11 @@ async fn a_rebuild_of_one_projection_is_refused_while_a_pass_over_all_holds_it_a
 
     // Names are checked before anything is locked; a dry run takes one projection.
     assert!(matches!(
-        rebuild::rebuild_many(&pool, &["account_summary,balances"], 50, |_, _| {}).await,
+        rebuild::rebuild_many(&pool, &keys(&pool), &["account_summary,balances"], 50, |_, _| {}).await,
         Err(OpError::UnknownProjection(p)) if p == "balances"
     ));
     assert!(matches!(
-        rebuild::dry_run(&pool, "all", 50, |_| {}, &mut |_| {}).await,
+        rebuild::dry_run(&pool, &keys(&pool), "all", 50, |_| {}, &mut |_| {}).await,
         Err(OpError::Invalid(_))
     ));
 }

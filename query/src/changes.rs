@@ -222,7 +222,8 @@ mod tests {
     fn summary(account_id: &str) -> Arc<AccountSummary> {
         Arc::new(AccountSummary {
             account_id: account_id.to_owned(),
-            owner: "o".into(),
+            subject_id: uuid::Uuid::nil(),
+            owner: Some("o".into()),
             currency: "EUR".into(),
             balance: 1,
             status: "open".into(),

@@ -6,8 +6,11 @@
 //! - [`summaries`]: `account_summaries`, one row per account.
 //! - [`statements`]: `account_statements`, one row per entry with the running balance, read
 //!   in cursor-paginated pages.
-//! - [`owner_totals`]: `owner_totals` (and its helper `owner_total_accounts`): money and
-//!   accounts per owner and currency, across aggregates.
+//! - [`subject_totals`]: `subject_totals` (and its helper `subject_total_accounts`): money
+//!   and accounts per data subject and currency, across aggregates.
+//! - [`subjects`]: `subjects`, one row per data subject with the decrypted name, or
+//!   [`ledger_pii::ERASED_MARKER`] once erased: the ONE row that holds a subject's name.
+//! - [`export`]: everything the read models hold about one subject, as one document.
 //! - [`transfers`]: `transfers`, one row per transfer with its state.
 //! - [`guards`]: `projection_guards`, the per-projection, per-aggregate last sequence that
 //!   makes duplicates and re-deliveries harmless.
@@ -22,10 +25,12 @@
 //! together or not at all.
 
 pub mod dead_letters;
+pub mod export;
 pub mod guards;
-pub mod owner_totals;
 pub mod progress;
 pub mod statements;
+pub mod subject_totals;
+pub mod subjects;
 pub mod summaries;
 pub mod transfers;
 
@@ -39,20 +44,34 @@ pub mod names {
     pub const ACCOUNT_SUMMARY: &str = "account_summary";
     /// `account_statements`.
     pub const ACCOUNT_STATEMENT: &str = "account_statement";
-    /// `owner_totals`.
-    pub const OWNER_TOTALS: &str = "owner_totals";
+    /// `subject_totals` (was `owner_totals`, keyed by the name, before subjects).
+    pub const SUBJECT_TOTALS: &str = "subject_totals";
     /// `transfers`.
     pub const TRANSFERS: &str = "transfers";
+    /// `subjects`.
+    pub const SUBJECTS: &str = "subjects";
     /// All of them, in the order the projector applies them.
-    pub const ALL: [&str; 4] = [ACCOUNT_SUMMARY, ACCOUNT_STATEMENT, OWNER_TOTALS, TRANSFERS];
+    pub const ALL: [&str; 5] = [
+        ACCOUNT_SUMMARY,
+        ACCOUNT_STATEMENT,
+        SUBJECT_TOTALS,
+        TRANSFERS,
+        SUBJECTS,
+    ];
 
     /// Whether `projection` is fed events of `aggregate_type`. Events of an aggregate type
     /// no projection knows go to every projection, which refuses them (dead letters).
+    ///
+    /// `subjects` takes account events too (a v1 opening names a legacy subject), and
+    /// `account_statement` takes subject events (an erasure rewrites references).
     pub fn handles(projection: &str, aggregate_type: &str) -> bool {
-        use ledger_events::{ACCOUNT_AGGREGATE_TYPE, TRANSFER_AGGREGATE_TYPE};
+        use ledger_events::{
+            ACCOUNT_AGGREGATE_TYPE, SUBJECT_AGGREGATE_TYPE, TRANSFER_AGGREGATE_TYPE,
+        };
         match aggregate_type {
             ACCOUNT_AGGREGATE_TYPE => projection != TRANSFERS,
             TRANSFER_AGGREGATE_TYPE => projection == TRANSFERS,
+            SUBJECT_AGGREGATE_TYPE => projection == SUBJECTS || projection == ACCOUNT_STATEMENT,
             _ => true,
         }
     }
@@ -62,8 +81,9 @@ pub mod names {
         match projection {
             ACCOUNT_SUMMARY => Some(&["account_summaries"]),
             ACCOUNT_STATEMENT => Some(&["account_statements"]),
-            OWNER_TOTALS => Some(&["owner_totals", "owner_total_accounts"]),
+            SUBJECT_TOTALS => Some(&["subject_totals", "subject_total_accounts"]),
             TRANSFERS => Some(&["transfers"]),
+            SUBJECTS => Some(&["subjects"]),
             _ => None,
         }
     }
@@ -72,8 +92,9 @@ pub mod names {
     pub fn primary_key(table: &str) -> &'static [&'static str] {
         match table {
             "account_statements" => &["account_id", "sequence"],
-            "owner_totals" => &["owner", "currency"],
+            "subject_totals" => &["subject_id", "currency"],
             "transfers" => &["transfer_id"],
+            "subjects" => &["subject_id"],
             _ => &["account_id"],
         }
     }
@@ -82,18 +103,20 @@ pub mod names {
     /// rebuilt; the projector then says so at start.
     pub fn version(projection: &str) -> i32 {
         match projection {
-            ACCOUNT_SUMMARY | TRANSFERS => 1,
-            // 2: transfer legs, with their transfer id.
-            ACCOUNT_STATEMENT => 2,
-            // 2: `updated_at` is the greatest `recorded_at`, not the last applied one.
-            OWNER_TOTALS => 2,
+            TRANSFERS | SUBJECTS => 1,
+            // 2: transfer legs, with their transfer id. (Issue 17 decrypts references, but
+            // every reference written before it is plain text and stays as it was.)
+            // 2: the subject id instead of the owner's name (issue 17).
+            ACCOUNT_SUMMARY | ACCOUNT_STATEMENT => 2,
+            // 3: keyed by subject id (was `owner_totals` v2, by name).
+            SUBJECT_TOTALS => 3,
             _ => 0,
         }
     }
 }
 
-/// Removes what `projection` holds of `aggregate_id` (its rows, and for `owner_totals` its
-/// share of its owner's totals), so the aggregate can be projected again from its whole
+/// Removes what `projection` holds of `aggregate_id` (its rows, and for `subject_totals` its
+/// share of its subject's totals), so the aggregate can be projected again from its whole
 /// history: how a dead letter is retried (ADR 0014). The caller holds the aggregate's guard.
 pub async fn forget_aggregate(
     tx: &mut sqlx::PgConnection,
@@ -103,8 +126,9 @@ pub async fn forget_aggregate(
     match projection {
         names::ACCOUNT_SUMMARY => summaries::forget(tx, aggregate_id).await,
         names::ACCOUNT_STATEMENT => statements::forget(tx, aggregate_id).await,
-        names::OWNER_TOTALS => owner_totals::forget(tx, aggregate_id).await,
+        names::SUBJECT_TOTALS => subject_totals::forget(tx, aggregate_id).await,
         names::TRANSFERS => transfers::forget(tx, aggregate_id).await,
+        names::SUBJECTS => subjects::forget(tx, aggregate_id).await,
         _ => Ok(()),
     }
 }

@@ -6,14 +6,19 @@ use chrono::{DateTime, Utc};
 use ledger_events::{AccountEvent, RecordedEvent};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-/// One account as the query API answers it.
+/// One account as the query API answers it: the summary row with its subject's name from
+/// `subjects` (the one row that holds it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AccountSummary {
     /// The account.
     pub account_id: String,
-    /// Its owner.
-    pub owner: String,
+    /// The data subject the account belongs to.
+    pub subject_id: Uuid,
+    /// The subject's name, `[erased]` once the subject is erased, or null while the
+    /// subject's registration is not projected yet.
+    pub owner: Option<String>,
     /// ISO 4217 code.
     pub currency: String,
     /// Minor units.
@@ -28,14 +33,45 @@ pub struct AccountSummary {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One row of `account_summaries` as the projection folds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+struct SummaryRow {
+    account_id: String,
+    subject_id: Uuid,
+    currency: String,
+    balance: i64,
+    status: String,
+    version: i64,
+    last_position: i64,
+    updated_at: DateTime<Utc>,
+}
+
 /// The summary of `account_id`, if projected.
 pub async fn find(pool: &PgPool, account_id: &str) -> Result<Option<AccountSummary>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT account_id, owner, currency, balance, status, version, last_position, updated_at
-           FROM account_summaries WHERE account_id = $1",
+        "SELECT a.account_id, a.subject_id, s.name AS owner, a.currency, a.balance, a.status,
+                a.version, a.last_position, a.updated_at
+           FROM account_summaries a LEFT JOIN subjects s USING (subject_id)
+          WHERE a.account_id = $1",
     )
     .bind(account_id)
     .fetch_optional(pool)
+    .await
+}
+
+/// The summaries of every account of `subject_id`, oldest account id first.
+pub async fn of_subject(
+    pool: &PgPool,
+    subject_id: Uuid,
+) -> Result<Vec<AccountSummary>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.account_id, a.subject_id, s.name AS owner, a.currency, a.balance, a.status,
+                a.version, a.last_position, a.updated_at
+           FROM account_summaries a LEFT JOIN subjects s USING (subject_id)
+          WHERE a.subject_id = $1 ORDER BY a.account_id",
+    )
+    .bind(subject_id)
+    .fetch_all(pool)
     .await
 }
 
@@ -61,8 +97,9 @@ pub async fn apply_batch(
         return Ok(Vec::new());
     }
     let ids = crate::distinct_ids(events.iter().map(|(event, _)| *event));
-    let mut rows: BTreeMap<String, AccountSummary> = sqlx::query_as::<_, AccountSummary>(
-        "SELECT account_id, owner, currency, balance, status, version, last_position, updated_at
+    let mut rows: BTreeMap<String, SummaryRow> = sqlx::query_as::<_, SummaryRow>(
+        "SELECT account_id, subject_id, currency, balance, status, version, last_position,
+                updated_at
            FROM account_summaries WHERE account_id = ANY($1::text[])",
     )
     .bind(&ids)
@@ -73,14 +110,15 @@ pub async fn apply_batch(
     .collect();
     let (changed, refused) =
         crate::fold_events(events, |event, decoded| fold(&mut rows, event, decoded));
-    let rows: Vec<&AccountSummary> = changed.iter().filter_map(|id| rows.get(*id)).collect();
+    let rows: Vec<&SummaryRow> = changed.iter().filter_map(|id| rows.get(*id)).collect();
     if rows.is_empty() {
         return Ok(refused);
     }
     sqlx::query(
         "INSERT INTO account_summaries
-             (account_id, owner, currency, balance, status, version, last_position, updated_at)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
+             (account_id, subject_id, currency, balance, status, version, last_position,
+              updated_at)
+         SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[], $5::text[],
                               $6::int8[], $7::int8[], $8::timestamptz[])
          ON CONFLICT (account_id) DO UPDATE
             SET balance = EXCLUDED.balance, status = EXCLUDED.status, version = EXCLUDED.version,
@@ -91,7 +129,7 @@ pub async fn apply_batch(
             .map(|r| r.account_id.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.subject_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.currency.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.balance).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
@@ -105,7 +143,7 @@ pub async fn apply_batch(
 
 /// One event's change to the summaries in memory, or why it does not fit.
 fn fold(
-    rows: &mut BTreeMap<String, AccountSummary>,
+    rows: &mut BTreeMap<String, SummaryRow>,
     event: &RecordedEvent,
     decoded: &AccountEvent,
 ) -> Result<(), String> {
@@ -116,15 +154,20 @@ fn fold(
             event.event_type
         )
     };
-    if let AccountEvent::AccountOpened { owner, currency } = decoded {
+    if let AccountEvent::AccountOpened {
+        subject_id,
+        currency,
+        ..
+    } = decoded
+    {
         if rows.contains_key(id) {
             return Err(misfit());
         }
         rows.insert(
             id.to_owned(),
-            AccountSummary {
+            SummaryRow {
                 account_id: id.to_owned(),
-                owner: owner.clone(),
+                subject_id: *subject_id,
                 currency: currency.code().to_owned(),
                 balance: 0,
                 status: "open".into(),

@@ -37,7 +37,7 @@ enum Command {
     Status,
     /// Build PROJECTION afresh from the event store beside the live one, then swap it in.
     Rebuild {
-        /// account_summary, account_statement, owner_totals or transfers; `all`, or several
+        /// account_summary, account_statement, subject_totals, transfers or subjects; `all`, or several
         /// separated by commas, rebuilds them in one pass over the log (not with --dry-run).
         projection: String,
         /// Build the copy and report how it differs from the live model; change nothing.
@@ -74,6 +74,20 @@ enum Command {
     /// API keys of the command, query and admin APIs.
     #[command(subcommand)]
     Keys(KeyCommand),
+    /// Personal data: the data keys of the data subjects (needs PII_KEK, PII_KEK_PREVIOUS).
+    #[command(subcommand)]
+    Pii(PiiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PiiCommand {
+    /// Rotate the key-encryption key: rewrap every live data key not under PII_KEK with it
+    /// (the old KEK in PII_KEK_PREVIOUS). Idempotent; run until only the new id is listed.
+    Rewrap {
+        /// Data keys per transaction.
+        #[arg(long = "batch", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +154,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The data-key store, with the keyring from `PII_KEK` / `PII_KEK_PREVIOUS`, checked against
+/// the stored keys: what rebuilds, replays and retries decrypt personal fields with.
+async fn key_store(pool: &sqlx::PgPool) -> Result<ledger_pii::KeyStore, ops::OpError> {
+    let keyring = ledger_pii::Keyring::from_env()?;
+    let keys =
+        ledger_pii::KeyStore::new(pool.clone(), keyring, ledger_pii::CacheSettings::default());
+    keys.verify_keyring().await?;
+    Ok(keys)
 }
 
 fn print<T: Serialize + std::fmt::Debug>(json: bool, value: &T, human: impl FnOnce(&T)) {
@@ -243,6 +267,7 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 let mut written: std::io::Result<()> = Ok(());
                 let report = rebuild::dry_run(
                     pool,
+                    &key_store(pool).await?,
                     projection,
                     *batch_size,
                     on_progress,
@@ -261,7 +286,15 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 written.map_err(|err| ops::OpError::Invalid(format!("--differences: {err}")))?;
                 report
             } else {
-                rebuild::rebuild(pool, projection, *batch_size, false, on_progress).await?
+                rebuild::rebuild(
+                    pool,
+                    &key_store(pool).await?,
+                    projection,
+                    *batch_size,
+                    false,
+                    on_progress,
+                )
+                .await?
             };
             if let Some(bar) = bar {
                 bar.finish_and_clear();
@@ -304,7 +337,8 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
             from,
             to,
         } => {
-            let report = replay::replay(pool, projection, *from, *to).await?;
+            let report =
+                replay::replay(pool, &key_store(pool).await?, projection, *from, *to).await?;
             print(cli.json, &report, |r| {
                 println!("replayed {} events into {projection}: {} applied, {} already there, {} dead-lettered", r.events, r.applied, r.duplicates, r.dead_letters);
             });
@@ -360,7 +394,7 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 );
             }
             DeadLetterCommand::Retry { id, actor } => {
-                let shown = dead_letters::retry(pool, *id, actor).await?;
+                let shown = dead_letters::retry(pool, &key_store(pool).await?, *id, actor).await?;
                 print(cli.json, &shown, |s| {
                     let last = s.actions.last().map_or("", |a| a.outcome.as_str());
                     println!("dead letter {}: {} ({last})", s.letter.id, s.letter.status);
@@ -373,6 +407,42 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 });
             }
         },
+        Command::Pii(PiiCommand::Rewrap { batch }) => {
+            let report = key_store(pool).await?.rewrap_all(*batch).await?;
+            let failed: Vec<serde_json::Value> = report
+                .failed
+                .iter()
+                .map(|f| {
+                    serde_json::json!({
+                        "subject_id": f.subject,
+                        "version": f.version,
+                        "error": f.error.to_string(),
+                    })
+                })
+                .collect();
+            let value = serde_json::json!({
+                "rewrapped": report.rewrapped,
+                "batches": report.batches,
+                "failed": failed,
+                "live_by_kek": report.live_by_kek,
+            });
+            print(cli.json, &value, |_| {
+                println!(
+                    "rewrapped {} data keys in {} batches",
+                    report.rewrapped, report.batches
+                );
+                for failure in &report.failed {
+                    println!(
+                        "not rewrapped: subject {} version {}: {}",
+                        failure.subject, failure.version, failure.error
+                    );
+                }
+                println!("live data keys per KEK id:");
+                for (kek, count) in &report.live_by_kek {
+                    println!("  {kek:<20} {count:>10}");
+                }
+            });
+        }
         Command::Keys(command) => match command {
             KeyCommand::Create { name, scopes } => {
                 let name = name.trim();
@@ -462,7 +532,14 @@ async fn rebuild_in_one_pass(
             bar.set_position(u64::try_from(progress.events).unwrap_or(0));
         }
     };
-    let reports = rebuild::rebuild_many(pool, selected, batch_size, on_progress).await?;
+    let reports = rebuild::rebuild_many(
+        pool,
+        &key_store(pool).await?,
+        selected,
+        batch_size,
+        on_progress,
+    )
+    .await?;
     for (_, bar) in bars.iter().flatten() {
         bar.finish_and_clear();
     }

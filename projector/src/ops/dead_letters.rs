@@ -64,7 +64,12 @@ pub async fn show(pool: &PgPool, id: i64) -> Result<Shown, OpError> {
 ///   on top of the gap are folded again in order; the result is what a rebuild gives.
 /// - A letter of the transfer process manager: the reaction is taken again (its steps are
 ///   claimed once, whatever is repeated).
-pub async fn retry(pool: &PgPool, id: i64, actor: &str) -> Result<Shown, OpError> {
+pub async fn retry(
+    pool: &PgPool,
+    keys: &ledger_pii::KeyStore,
+    id: i64,
+    actor: &str,
+) -> Result<Shown, OpError> {
     let letter = letters::get(pool, id)
         .await?
         .ok_or(OpError::NoSuchDeadLetter(id))?;
@@ -76,7 +81,7 @@ pub async fn retry(pool: &PgPool, id: i64, actor: &str) -> Result<Shown, OpError
     let mut tx = pool.begin().await?;
     let outcome = match (event, letter.aggregate_id.as_deref()) {
         (Some(event), Some(aggregate_id)) if names::tables(&letter.projection).is_some() => {
-            reproject(&mut tx, &letter, &event, aggregate_id, actor).await?
+            reproject(&mut tx, keys, &letter, &event, aggregate_id, actor).await?
         }
         (Some(event), _) if letter.projection == PROCESS_MANAGER => {
             pending(&lock(&mut tx, id).await?)?;
@@ -123,6 +128,7 @@ async fn lock(tx: &mut PgConnection, id: i64) -> Result<DeadLetter, OpError> {
 /// [`retry`]); returns the outcome to record.
 async fn reproject(
     tx: &mut PgConnection,
+    keys: &ledger_pii::KeyStore,
     letter: &DeadLetter,
     event: &RecordedEvent,
     aggregate_id: &str,
@@ -151,7 +157,7 @@ async fn reproject(
     };
     let mut savepoint = tx.begin().await?;
     forget_aggregate(&mut savepoint, projection, aggregate_id).await?;
-    let refused = match project_batch(&mut savepoint, projection, &history).await {
+    let refused = match project_batch(&mut savepoint, keys, projection, &history).await {
         Ok(refused) => refused,
         Err(err) if is_data_error(&err) => {
             savepoint.rollback().await?;

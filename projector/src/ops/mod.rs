@@ -18,7 +18,7 @@ pub mod republish;
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     /// No projection of that name.
-    #[error("unknown projection `{0}` (known: account_summary, account_statement, owner_totals, transfers)")]
+    #[error("unknown projection `{0}` (known: account_summary, account_statement, subject_totals, transfers, subjects)")]
     UnknownProjection(String),
     /// A rebuild of this projection is running elsewhere.
     #[error("a rebuild of `{0}` is already running")]
@@ -38,6 +38,12 @@ pub enum OpError {
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// `PII_KEK` / `PII_KEK_PREVIOUS` are missing or malformed.
+    #[error(transparent)]
+    Keyring(#[from] ledger_pii::KeyringError),
+    /// The data-key store failed (e.g. a stored key the configured KEKs do not open).
+    #[error("data keys: {0}")]
+    Keys(#[from] ledger_pii::StoreError),
 }
 
 /// Checks a projection name.

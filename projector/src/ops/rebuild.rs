@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
+use ledger_pii::KeyStore;
 use ledger_readmodels::{dead_letters, guards, names};
 use ledger_store::LogCursor;
 use serde::Serialize;
@@ -145,6 +146,7 @@ pub async fn in_progress(pool: &PgPool, projection: &str) -> Result<Option<i64>,
 /// after every batch.
 pub async fn rebuild(
     pool: &PgPool,
+    keys: &KeyStore,
     projection: &str,
     batch_size: i64,
     dry_run: bool,
@@ -155,9 +157,16 @@ pub async fn rebuild(
     } else {
         Mode::Swap
     };
-    let mut reports = run_locked(pool, &[projection], batch_size, mode, &mut |_, progress| {
-        on_progress(progress);
-    })
+    let mut reports = run_locked(
+        pool,
+        keys,
+        &[projection],
+        batch_size,
+        mode,
+        &mut |_, progress| {
+            on_progress(progress);
+        },
+    )
     .await?;
     reports
         .pop()
@@ -191,11 +200,20 @@ pub fn selection(names_given: &str) -> Result<Vec<&'static str>, OpError> {
 /// time: use [`dry_run`].
 pub async fn rebuild_many(
     pool: &PgPool,
+    keys: &KeyStore,
     projections: &[&str],
     batch_size: i64,
     mut on_progress: impl FnMut(&str, Progress) + Send,
 ) -> Result<Vec<Report>, OpError> {
-    run_locked(pool, projections, batch_size, Mode::Swap, &mut on_progress).await
+    run_locked(
+        pool,
+        keys,
+        projections,
+        batch_size,
+        Mode::Swap,
+        &mut on_progress,
+    )
+    .await
 }
 
 /// Builds a shadow of `projection` and compares it with the live model without changing
@@ -208,6 +226,7 @@ pub async fn rebuild_many(
 /// back: lag is never reported as a difference, and the live model is left as it was.
 pub async fn dry_run(
     pool: &PgPool,
+    keys: &KeyStore,
     projection: &str,
     batch_size: i64,
     mut on_progress: impl FnMut(Progress) + Send,
@@ -215,6 +234,7 @@ pub async fn dry_run(
 ) -> Result<Report, OpError> {
     let mut reports = run_locked(
         pool,
+        keys,
         &[projection],
         batch_size,
         Mode::DryRun(on_difference),
@@ -237,6 +257,7 @@ const READ_AHEAD: usize = 2;
 
 async fn run_locked(
     pool: &PgPool,
+    keys: &KeyStore,
     projections: &[&str],
     batch_size: i64,
     mode: Mode<'_>,
@@ -280,7 +301,7 @@ async fn run_locked(
     let own = sqlx::postgres::PgPoolOptions::new()
         .max_connections(connections)
         .connect_lazy_with((*options).clone());
-    let result = run(&own, &selected, batch_size, mode, on_progress).await;
+    let result = run(&own, keys, &selected, batch_size, mode, on_progress).await;
     own.close().await;
     let _ = lock.close().await;
     result
@@ -309,6 +330,7 @@ impl Shadow {
 
 async fn run(
     pool: &PgPool,
+    keys: &KeyStore,
     selected: &[&'static str],
     batch_size: i64,
     mode: Mode<'_>,
@@ -329,7 +351,7 @@ async fn run(
         });
     }
     let (total, _) = ledger_store::head(pool).await?;
-    load(pool, &mut shadows, total, batch_size, on_progress).await?;
+    load(pool, keys, &mut shadows, total, batch_size, on_progress).await?;
 
     let mut reports = Vec::with_capacity(shadows.len());
     if let Mode::DryRun(on_difference) = mode {
@@ -341,6 +363,7 @@ async fn run(
             };
             let compared = compare(
                 pool,
+                keys,
                 shadow.projection,
                 shadow.tables,
                 &shadow.schema,
@@ -364,7 +387,7 @@ async fn run(
             progress: shadow.progress(total),
             ..Report::default()
         };
-        swap_with_retries(pool, shadow, &mut report).await?;
+        swap_with_retries(pool, keys, shadow, &mut report).await?;
         report.swapped = true;
         on_progress(shadow.projection, report.progress);
         reports.push(report);
@@ -376,6 +399,7 @@ async fn run(
 /// the one being applied, and applies each batch to every shadow still behind it.
 async fn load(
     pool: &PgPool,
+    keys: &KeyStore,
     shadows: &mut [Shadow],
     total: i64,
     batch_size: i64,
@@ -388,7 +412,7 @@ async fn load(
     let mut batches = ReadAhead::start(pool.clone(), start, batch_size);
     while let Some(batch) = batches.next().await {
         let batch = batch?;
-        let decoded = Decoded::of(batch.iter().map(|entry| &entry.event));
+        let decoded = Decoded::of(keys, batch.iter().map(|entry| &entry.event));
         let applied = futures::future::try_join_all(
             shadows
                 .iter()
@@ -475,6 +499,7 @@ impl Drop for ReadAhead {
 /// cycle (or a lock wait time out), the whole swap rolls back and is tried again.
 async fn swap_with_retries(
     pool: &PgPool,
+    keys: &KeyStore,
     shadow: &Shadow,
     report: &mut Report,
 ) -> Result<(), sqlx::Error> {
@@ -484,6 +509,7 @@ async fn swap_with_retries(
         let before = report.progress;
         match swap(
             pool,
+            keys,
             shadow.projection,
             shadow.tables,
             &shadow.schema,
@@ -637,6 +663,7 @@ async fn save_cursor(
 /// shadow that is at the store's head.
 async fn catch_up_shadow(
     pool: &PgPool,
+    keys: &KeyStore,
     tx: &mut PgConnection,
     projection: &str,
     schema: &str,
@@ -649,7 +676,7 @@ async fn catch_up_shadow(
         let Some(last) = batch.last().map(|e| e.cursor) else {
             break;
         };
-        let decoded = Decoded::of(batch.iter().map(|entry| &entry.event));
+        let decoded = Decoded::of(keys, batch.iter().map(|entry| &entry.event));
         let applied = apply_batch(tx, projection, &batch, &decoded).await?;
         save_cursor(tx, projection, last, applied).await?;
         cursor = last;
@@ -665,6 +692,7 @@ async fn catch_up_shadow(
 /// The atomic swap (see the module documentation).
 async fn swap(
     pool: &PgPool,
+    keys: &KeyStore,
     projection: &str,
     tables: &[&str],
     schema: &str,
@@ -688,7 +716,7 @@ async fn swap(
     .execute(&mut *tx)
     .await?;
     // What committed since the last batch, applied under the lock.
-    catch_up_shadow(pool, &mut tx, projection, schema, cursor, report).await?;
+    catch_up_shadow(pool, keys, &mut tx, projection, schema, cursor, report).await?;
     for table in tables {
         // `LIKE … INCLUDING ALL` names the shadow's indexes after their columns; the live
         // names come back after the move, so migrations that name an index still find it.
@@ -779,8 +807,11 @@ async fn index_names(
 /// The dry run's comparison (see [`dry_run`]): under the guards lock, the shadow and the
 /// live model are both brought to the store's head, compared table by table with the
 /// differences streamed to `on_difference`, and everything rolled back.
+// The key store joined the seven it had; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn compare(
     pool: &PgPool,
+    keys: &KeyStore,
     projection: &str,
     tables: &[&str],
     schema: &str,
@@ -794,7 +825,7 @@ async fn compare(
     sqlx::query("LOCK TABLE public.projection_guards IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
-    catch_up_shadow(pool, &mut tx, projection, schema, cursor, report).await?;
+    catch_up_shadow(pool, keys, &mut tx, projection, schema, cursor, report).await?;
     // The live model's lag: aggregates whose live guard is behind the shadow's, brought to
     // the same sequence through the live guards (rolled back at the end).
     let lagging: Vec<(String, String, i64, i64)> = sqlx::query_as(&format!(
@@ -820,7 +851,14 @@ async fn compare(
         cursor: LogCursor::default(),
     };
     let behind: Vec<_> = behind.iter().map(|event| (event, origin)).collect();
-    apply_events(&mut tx, &[projection], &behind, &mut Applied::default()).await?;
+    apply_events(
+        &mut tx,
+        keys,
+        &[projection],
+        &behind,
+        &mut Applied::default(),
+    )
+    .await?;
     if !lagging.is_empty() {
         tracing::info!(
             projection,

@@ -24,6 +24,7 @@ pub struct ReplayReport {
 /// Replays positions `from..=to` into `projection`.
 pub async fn replay(
     pool: &PgPool,
+    keys: &ledger_pii::KeyStore,
     projection: &str,
     from: i64,
     to: i64,
@@ -45,7 +46,7 @@ pub async fn replay(
             cursor: ledger_store::LogCursor::default(),
         };
         let batch: Vec<_> = events.iter().map(|event| (event, origin)).collect();
-        apply_events(&mut tx, &[projection], &batch, &mut outcome).await?;
+        apply_events(&mut tx, keys, &[projection], &batch, &mut outcome).await?;
         let touched = ledger_readmodels::distinct_ids(events.iter());
         ledger_readmodels::notify_changes(&mut tx, &touched).await?;
         tx.commit().await?;

@@ -53,8 +53,8 @@ pub enum Model {
     Summary,
     /// `account_statements` (`GET /v1/accounts/{id}/statement`).
     Statement,
-    /// `owner_totals` (`GET /v1/owners/{owner}/totals`), waited on for one account.
-    OwnerTotals,
+    /// `subject_totals` (`GET /v1/subjects/{id}/totals`), waited on for one account.
+    SubjectTotals,
     /// `transfers` (`GET /v1/transfers/{id}`).
     Transfer,
 }
@@ -65,7 +65,7 @@ impl Model {
         match self {
             Self::Summary => names::ACCOUNT_SUMMARY,
             Self::Statement => names::ACCOUNT_STATEMENT,
-            Self::OwnerTotals => names::OWNER_TOTALS,
+            Self::SubjectTotals => names::SUBJECT_TOTALS,
             Self::Transfer => names::TRANSFERS,
         }
     }

@@ -13,9 +13,12 @@ pub enum ApiError {
     /// No such transfer (in the read model).
     #[error("no transfer {0}")]
     TransferNotFound(String),
-    /// No accounts for this owner.
-    #[error("no accounts for owner {0}")]
-    OwnerNotFound(String),
+    /// No such data subject (in the read models).
+    #[error("no data subject {0}")]
+    SubjectNotFound(uuid::Uuid),
+    /// A route that no longer exists: 410, the detail says what replaced it.
+    #[error("{detail}")]
+    Gone { detail: &'static str },
     /// A query parameter or header the API does not accept: 400.
     #[error("{field}: {message}")]
     InvalidParameter {
@@ -53,12 +56,13 @@ impl ApiError {
                 "Transfer not found",
                 format!("no transfer {id} in the read model (pass the position the transfer request answered with to wait for it)"),
             ),
-            Self::OwnerNotFound(owner) => Problem::new(
+            Self::SubjectNotFound(id) => Problem::new(
                 StatusCode::NOT_FOUND,
-                "owner_not_found",
-                "Owner not found",
-                format!("no accounts for owner {owner:?}"),
+                "subject_not_found",
+                "Subject not found",
+                format!("no data subject {id} in the read models"),
             ),
+            Self::Gone { detail } => Problem::new(StatusCode::GONE, "gone", "Gone", *detail),
             Self::InvalidParameter { field, message } => Problem::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_parameter",

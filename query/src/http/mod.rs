@@ -5,6 +5,7 @@ pub mod consistency;
 pub mod error;
 pub mod openapi;
 pub mod owners;
+pub mod subjects;
 pub mod transfers;
 
 use std::time::Duration;
@@ -40,13 +41,23 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         auth: std::sync::Arc::new(state.auth.clone()),
         scope: Scope::Read,
     };
+    // Exporting a subject hands out personal data in clear: a scope of its own.
+    let export_guard = Guard {
+        auth: std::sync::Arc::new(state.auth.clone()),
+        scope: Scope::Export,
+    };
     Router::new()
         .nest(
             "/v1",
             accounts::router()
                 .merge(owners::router())
+                .merge(subjects::router())
                 .merge(transfers::router())
-                .route_layer(middleware::from_fn_with_state(guard, auth::require)),
+                .route_layer(middleware::from_fn_with_state(guard, auth::require))
+                .merge(
+                    subjects::export_router()
+                        .route_layer(middleware::from_fn_with_state(export_guard, auth::require)),
+                ),
         )
         .with_state(state)
         .merge(health::router(pool))
