@@ -115,9 +115,7 @@ async fn migrate_owner(
     let subject = legacy_subject_id(owner);
     let key = match keys.current(subject).await {
         Ok(key) => Key::Existing(key),
-        Err(StoreError::UnknownSubject { .. }) => {
-            Key::New(KeyStore::generate(subject))
-        }
+        Err(StoreError::UnknownSubject { .. }) => Key::New(KeyStore::generate(subject)),
         Err(StoreError::Erased { .. }) => Key::Erased,
         Err(other) => return Err(other.into()),
     };

@@ -67,7 +67,9 @@ impl FromStr for Scope {
             "read" => Ok(Self::Read),
             "admin" => Ok(Self::Admin),
             "export" => Ok(Self::Export),
-            other => Err(format!("unknown scope `{other}` (write, read, admin, export)")),
+            other => Err(format!(
+                "unknown scope `{other}` (write, read, admin, export)"
+            )),
         }
     }
 }

@@ -259,6 +259,7 @@ impl ProcessManager {
                 let sent = self
                     .accounts
                     .execute(Intent {
+                        event_id: None,
                         aggregate_id: terms.from,
                         command: AccountCommand::SendTransfer {
                             transfer_id,
@@ -280,6 +281,7 @@ impl ProcessManager {
                         let failed = self
                             .transfers
                             .execute(Intent {
+                                event_id: None,
                                 aggregate_id: transfer_id,
                                 command: TransferCommand::Fail {
                                     code: refusal.code().to_owned(),
@@ -346,6 +348,7 @@ impl ProcessManager {
                 let received = self
                     .accounts
                     .execute(Intent {
+                        event_id: None,
                         aggregate_id: terms.to,
                         command: AccountCommand::ReceiveTransfer {
                             transfer_id,
@@ -366,6 +369,7 @@ impl ProcessManager {
                         let refunded = self
                             .accounts
                             .execute(Intent {
+                                event_id: None,
                                 aggregate_id: terms.from,
                                 command: AccountCommand::RefundTransfer {
                                     transfer_id,
@@ -439,6 +443,7 @@ impl ProcessManager {
         let settled = self
             .accounts
             .execute(Intent {
+                event_id: None,
                 aggregate_id: from,
                 command: AccountCommand::SettleTransfer { transfer_id },
                 metadata: step_metadata(cause, Some(&step)),
@@ -459,6 +464,7 @@ impl ProcessManager {
     ) -> Result<(), ReactionError> {
         self.transfers
             .execute(Intent {
+                event_id: None,
                 aggregate_id: transfer_id,
                 command,
                 metadata: step_metadata(cause, None),

@@ -66,14 +66,12 @@ impl Race {
             destination: Uuid::now_v7(),
             transfer: Uuid::now_v7(),
         };
-        for (id, owner) in [
-            (race.source, "racing source"),
-            (race.destination, "racing dest"),
-        ] {
+        // Accounts hold no personal data: a subject id is all they need here.
+        for id in [race.source, race.destination] {
             race.account(
                 id,
                 AccountCommand::Open {
-                    owner: owner.into(),
+                    subject_id: Uuid::now_v7(),
                     currency: eur(),
                 },
             )
@@ -90,6 +88,7 @@ impl Race {
         .await;
         race.transfers
             .execute(Intent {
+                event_id: None,
                 aggregate_id: race.transfer,
                 command: TransferCommand::Request {
                     from: race.source,
@@ -107,6 +106,7 @@ impl Race {
     async fn account(&self, id: Uuid, command: AccountCommand) {
         self.accounts
             .execute(Intent {
+                event_id: None,
                 aggregate_id: id,
                 command,
                 metadata: Metadata::default(),

@@ -128,6 +128,15 @@ impl Process {
         }
     }
 
+    /// Every stderr line logged so far, without waiting (lines still in the pipe are read
+    /// first).
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
     /// Collects the remaining stderr lines (after the process ended).
     pub async fn drain(&mut self) -> Vec<String> {
         while let Ok(Some(line)) =

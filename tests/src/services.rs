@@ -42,6 +42,9 @@ pub struct CommandApi {
     pub process: Process,
     pub base: String,
     pub client: reqwest::Client,
+    /// The data subject [`CommandApi::open_account`] opens accounts for, registered on first
+    /// use.
+    subject: tokio::sync::OnceCell<String>,
 }
 
 impl CommandApi {
@@ -65,21 +68,44 @@ impl CommandApi {
             process,
             base,
             client: reqwest::Client::new(),
+            subject: tokio::sync::OnceCell::new(),
         }
     }
 
-    /// Opens an EUR account; returns its id.
-    pub async fn open_account(&self) -> String {
-        let answer: Value = self
+    /// Registers a data subject named `name`; returns its id.
+    pub async fn register_subject(&self, name: &str) -> String {
+        let response = self
             .client
-            .post(format!("{}/v1/accounts", self.base))
-            .json(&json!({"owner": "e2e", "currency": "EUR"}))
+            .post(format!("{}/v1/subjects", self.base))
+            .json(&json!({ "name": name }))
             .send()
             .await
-            .unwrap()
-            .json()
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let answer: Value = response.json().await.unwrap();
+        answer["subject_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The subject every [`CommandApi::open_account`] of this API opens for (named `e2e`).
+    pub async fn subject(&self) -> String {
+        self.subject
+            .get_or_init(|| self.register_subject("e2e"))
+            .await
+            .clone()
+    }
+
+    /// Opens an EUR account for [`CommandApi::subject`]; returns its id.
+    pub async fn open_account(&self) -> String {
+        let subject = self.subject().await;
+        let response = self
+            .client
+            .post(format!("{}/v1/accounts", self.base))
+            .json(&json!({"subject_id": subject, "currency": "EUR"}))
+            .send()
             .await
             .unwrap();
+        assert_eq!(response.status(), 201);
+        let answer: Value = response.json().await.unwrap();
         answer["account_id"].as_str().unwrap().to_owned()
     }
 

@@ -13,6 +13,7 @@ use ledger_e2e::services::{
     CommandApi, Projector, QueryApi,
 };
 use ledger_e2e::{binary, eventually, Process};
+use ledger_events::subject::legacy_subject_id;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
@@ -26,7 +27,8 @@ async fn snapshot(url: &str) -> Value {
         "SELECT jsonb_build_object(
             'summaries', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id) FROM account_summaries t),
             'statements', (SELECT jsonb_agg(to_jsonb(t) ORDER BY account_id, sequence) FROM account_statements t),
-            'totals', (SELECT jsonb_agg(to_jsonb(t) ORDER BY owner, currency) FROM owner_totals t))",
+            'totals', (SELECT jsonb_agg(to_jsonb(t) ORDER BY subject_id, currency) FROM subject_totals t),
+            'subjects', (SELECT jsonb_agg(to_jsonb(t) ORDER BY subject_id) FROM subjects t))",
     )
     .fetch_one(&mut conn)
     .await
@@ -91,7 +93,14 @@ async fn a_rebuild_under_traffic_fails_no_query_and_equals_a_fresh_build_row_for
                         last[i]
                     );
                     last[i] = balance;
-                    let (status, _, totals) = query.get("/v1/owners/seed/totals").await;
+                    // The seeded accounts are v1 openings of the owner `seed`: its legacy
+                    // subject.
+                    let (status, _, totals) = query
+                        .get(&format!(
+                            "/v1/subjects/{}/totals",
+                            legacy_subject_id("seed")
+                        ))
+                        .await;
                     assert_eq!(status, 200, "{totals}");
                     assert_eq!(
                         totals["totals"][0]["balance"], 2000,
@@ -103,7 +112,12 @@ async fn a_rebuild_under_traffic_fails_no_query_and_equals_a_fresh_build_row_for
             reads
         })
     };
-    for projection in ["account_summary", "owner_totals", "account_statement"] {
+    for projection in [
+        "account_summary",
+        "subject_totals",
+        "account_statement",
+        "subjects",
+    ] {
         let run = admin(
             &url,
             &["--json", "rebuild", projection, "--batch-size", "200"],
@@ -116,7 +130,12 @@ async fn a_rebuild_under_traffic_fails_no_query_and_equals_a_fresh_build_row_for
     assert!(writers.await.unwrap() > 0);
     assert!(readers.await.unwrap() > 0);
     wait_until_projected(&url, DEADLINE).await;
-    for projection in ["account_summary", "owner_totals", "account_statement"] {
+    for projection in [
+        "account_summary",
+        "subject_totals",
+        "account_statement",
+        "subjects",
+    ] {
         let dry = admin(&url, &["--json", "rebuild", projection, "--dry-run"]).await;
         assert_eq!(dry.code, 0, "{}", dry.stderr);
         assert!(
@@ -290,11 +309,11 @@ async fn replaying_a_range_twice_leaves_the_model_unchanged_and_repairs_what_was
 async fn a_second_rebuild_of_the_same_projection_is_refused() {
     let url = migrated_database().await;
     let mut holder = PgConnection::connect(&url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtext('ledger-rebuild:owner_totals'))")
+    sqlx::query("SELECT pg_advisory_lock(hashtext('ledger-rebuild:subject_totals'))")
         .execute(&mut holder)
         .await
         .unwrap();
-    let run = admin(&url, &["rebuild", "owner_totals"]).await;
+    let run = admin(&url, &["rebuild", "subject_totals"]).await;
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("already running"), "{}", run.stderr);
     let unknown = admin(&url, &["rebuild", "balances"]).await;
@@ -414,7 +433,7 @@ async fn dead_letters_are_listed_shown_retried_and_skipped_with_who_and_when() {
 
     let skipped = admin(
         &url,
-        &["--json", "dead-letters", "skip", &id_of("owner_totals")],
+        &["--json", "dead-letters", "skip", &id_of("subject_totals")],
     )
     .await
     .json();
@@ -425,7 +444,7 @@ async fn dead_letters_are_listed_shown_retried_and_skipped_with_who_and_when() {
         .await
         .json();
     assert_eq!(pending.as_array().unwrap().len(), 1);
-    let again = admin(&url, &["dead-letters", "skip", &id_of("owner_totals")]).await;
+    let again = admin(&url, &["dead-letters", "skip", &id_of("subject_totals")]).await;
     assert_ne!(again.code, 0, "skipping twice is refused");
 }
 
@@ -461,7 +480,7 @@ async fn the_admin_api_needs_its_token_and_runs_a_dry_run_rebuild() {
 
     let started = client
         .post(format!(
-            "{}/admin/projections/owner_totals/rebuild?dry_run=true",
+            "{}/admin/projections/subject_totals/rebuild?dry_run=true",
             projector.base
         ))
         .bearer_auth("s3cret-admin")
@@ -472,7 +491,7 @@ async fn the_admin_api_needs_its_token_and_runs_a_dry_run_rebuild() {
     let (client, base) = (&client, projector.base.as_str());
     let job = eventually(DEADLINE, "finished the dry run", || async move {
         let job: Value = client
-            .get(format!("{base}/admin/projections/owner_totals/rebuild"))
+            .get(format!("{base}/admin/projections/subject_totals/rebuild"))
             .bearer_auth("s3cret-admin")
             .send()
             .await
@@ -550,24 +569,26 @@ async fn a_projector_configured_to_rebuilds_a_stale_model_by_itself() {
     let url = migrated_database().await;
     seed(&url, 2, 3).await;
     let mut conn = PgConnection::connect(&url).await.unwrap();
-    sqlx::query("INSERT INTO projection_versions (projection, version) VALUES ('owner_totals', 0)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO projection_versions (projection, version) VALUES ('subject_totals', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     let mut projector = Projector::start(&url, None, &[("PROJECTOR_AUTO_REBUILD", "true")]).await;
     projector
         .process
         .wait_for_line("rebuilt and swapped in", Duration::from_secs(60))
         .await;
     let version: i32 = sqlx::query_scalar(
-        "SELECT version FROM projection_versions WHERE projection = 'owner_totals'",
+        "SELECT version FROM projection_versions WHERE projection = 'subject_totals'",
     )
     .fetch_one(&mut conn)
     .await
     .unwrap();
     assert_eq!(
         version,
-        ledger_readmodels::names::version(ledger_readmodels::names::OWNER_TOTALS)
+        ledger_readmodels::names::version(ledger_readmodels::names::SUBJECT_TOTALS)
     );
     wait_until_projected(&url, DEADLINE).await;
 }

@@ -12,6 +12,7 @@ use ledger_e2e::services::{
     balances_from_events, balances_in_read_model, migrated_database, topic, wait_until_projected,
     CommandApi, Projector, QueryApi, Relay,
 };
+use ledger_events::subject::legacy_subject_id;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
@@ -120,7 +121,8 @@ async fn a_query_with_the_commands_position_sees_the_new_balance_the_first_time(
     let (status, _, totals) = s
         .query
         .get(&format!(
-            "/v1/owners/e2e/totals?position={}&account={account}",
+            "/v1/subjects/{}/totals?position={}&account={account}",
+            s.api.subject().await,
             answer["position"]
         ))
         .await;
@@ -169,7 +171,10 @@ async fn a_position_the_read_model_has_not_reached_is_answered_412_with_the_curr
     }
     let (status, _, body) = s
         .query
-        .get(&format!("/v1/owners/e2e/totals?position={reached}"))
+        .get(&format!(
+            "/v1/subjects/{}/totals?position={reached}",
+            s.api.subject().await
+        ))
         .await;
     assert_eq!(status, 400, "{body}");
 }
@@ -268,7 +273,10 @@ async fn delivering_every_event_again_changes_no_balance() {
         .await
         .unwrap();
     assert_eq!(entries_after, entries_before);
-    let (_, _, totals) = s.query.get("/v1/owners/e2e/totals").await;
+    let (_, _, totals) = s
+        .query
+        .get(&format!("/v1/subjects/{}/totals", s.api.subject().await))
+        .await;
     assert_eq!(totals["totals"][0]["balance"], before.values().sum::<i64>());
 }
 
@@ -323,7 +331,10 @@ async fn a_projector_killed_mid_stream_resumes_and_every_balance_equals_the_even
         "every event is one statement entry, none twice"
     );
     let total: i64 = balances_from_events(&s.url).await.values().sum();
-    let (_, _, totals) = s.query.get("/v1/owners/e2e/totals").await;
+    let (_, _, totals) = s
+        .query
+        .get(&format!("/v1/subjects/{}/totals", s.api.subject().await))
+        .await;
     assert_eq!(totals["totals"][0]["balance"], total);
     assert_eq!(totals["totals"][0]["accounts"], 8);
     // The status endpoint says it is caught up, at the head of the log.
@@ -1003,7 +1014,7 @@ async fn a_batch_with_one_poison_event_in_the_middle_applies_every_other_event()
         vec![
             ("account_statement", "brimful", 3),
             ("account_summary", "brimful", 3),
-            ("owner_totals", "brimful", 3),
+            ("subject_totals", "brimful", 3),
             ("account_statement", "poisoned", 50),
         ],
         "{letters:?}"
@@ -1013,18 +1024,23 @@ async fn a_batch_with_one_poison_event_in_the_middle_applies_every_other_event()
         "{letters:?}"
     );
     assert!(letters[1].3.contains("bigint"), "{letters:?}");
-    let totals: Vec<(String, String)> =
-        sqlx::query_as("SELECT owner, balance::text FROM owner_totals ORDER BY owner")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(
-        totals,
-        vec![
-            ("p".to_owned(), "99".to_owned()),
-            ("q".to_owned(), i64::MAX.to_string())
-        ]
-    );
+    // The v1 openings name the owners `p` and `q`: their legacy subjects.
+    let mut totals = Vec::new();
+    for owner in ["p", "q"] {
+        let balance: String =
+            sqlx::query_scalar("SELECT balance::text FROM subject_totals WHERE subject_id = $1")
+                .bind(legacy_subject_id(owner))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        totals.push(balance);
+    }
+    assert_eq!(totals, vec!["99".to_owned(), i64::MAX.to_string()]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_totals")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
 }
 
 /// Three accounts of one owner hold 2 × (2^63 − 1) + 5 minor units together: more than a
@@ -1051,7 +1067,8 @@ async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact
     let expected = (2 * i128::from(i64::MAX) + 5).to_string();
     let mut conn = PgConnection::connect(&url).await.unwrap();
     let (balance, accounts): (String, i64) =
-        sqlx::query_as("SELECT balance::text, accounts FROM owner_totals WHERE owner = 'rich'")
+        sqlx::query_as("SELECT balance::text, accounts FROM subject_totals WHERE subject_id = $1")
+            .bind(legacy_subject_id("rich"))
             .fetch_one(&mut conn)
             .await
             .unwrap();
@@ -1063,7 +1080,11 @@ async fn an_owner_whose_accounts_together_hold_more_than_a_bigint_gets_the_exact
     assert_eq!(letters, 0);
     let body = query
         .client
-        .get(format!("{}/v1/owners/rich/totals", query.base))
+        .get(format!(
+            "{}/v1/subjects/{}/totals",
+            query.base,
+            legacy_subject_id("rich")
+        ))
         .send()
         .await
         .unwrap()
@@ -1105,11 +1126,12 @@ async fn several_partitions_under_load_apply_without_a_deadlock() {
         .unwrap();
     }
     wait_until_projected(&s.url, DEADLINE).await;
-    let totals: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT owner, balance::text, accounts FROM owner_totals ORDER BY owner")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    let totals: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT subject_id::text, balance::text, accounts FROM subject_totals ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
     assert_eq!(totals.len(), 8, "{totals:?}");
     assert!(
         totals.iter().all(|(_, b, a)| b == "480" && *a == 8),

@@ -193,7 +193,7 @@ async fn a_retried_letter_is_applied_once_in_order_and_a_dry_run_then_finds_no_d
             "--json",
             "dead-letters",
             "skip",
-            &letter_of(&letters, "owner_totals"),
+            &letter_of(&letters, "subject_totals"),
         ],
     )
     .await
@@ -224,7 +224,7 @@ async fn a_retried_letter_is_applied_once_in_order_and_a_dry_run_then_finds_no_d
     .await
     .unwrap();
     assert_eq!(running, [0, 100, 70, 75], "running balances in order");
-    for projection in ["account_summary", "account_statement", "owner_totals"] {
+    for projection in ["account_summary", "account_statement", "subject_totals"] {
         dry_run_is_clean(&url, projection).await;
     }
 }
@@ -322,7 +322,7 @@ async fn a_dry_run_under_load_reports_no_difference_and_streams_the_ones_there_a
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers = deposit_until(&api, accounts, stop.clone());
     for _ in 0..3 {
-        for projection in ["owner_totals", "account_summary", "account_statement"] {
+        for projection in ["subject_totals", "account_summary", "account_statement"] {
             dry_run_is_clean(&url, projection).await;
         }
     }
@@ -384,9 +384,10 @@ async fn index_names(url: &str) -> Vec<(String, String)> {
         [
             "account_summaries",
             "account_statements",
-            "owner_totals",
-            "owner_total_accounts",
+            "subject_totals",
+            "subject_total_accounts",
             "transfers",
+            "subjects",
         ]
         .as_slice(),
     )
@@ -408,9 +409,10 @@ async fn twenty_swaps_under_live_load_all_succeed_and_keep_every_dead_letter_and
     let writers = deposit_until(&api, accounts, stop.clone());
     let projections = [
         "account_summary",
-        "owner_totals",
+        "subject_totals",
         "account_statement",
         "transfers",
+        "subjects",
     ];
     for n in 0..20 {
         let projection = projections[n % projections.len()];

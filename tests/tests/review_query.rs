@@ -15,8 +15,9 @@ use sqlx::{Connection, PgConnection};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Opens an EUR account for `owner`; returns its id and the position of its opening.
-async fn open(api: &CommandApi, owner: &str) -> (String, i64) {
+/// Opens an EUR account for `owner` (the deprecated path, which registers a subject of that
+/// name); returns its id, the position of its opening and its subject's id.
+async fn open(api: &CommandApi, owner: &str) -> (String, i64, String) {
     let answer: Value = api
         .client
         .post(format!("{}/v1/accounts", api.base))
@@ -30,6 +31,7 @@ async fn open(api: &CommandApi, owner: &str) -> (String, i64) {
     (
         answer["account_id"].as_str().unwrap().to_owned(),
         answer["position"].as_i64().unwrap(),
+        answer["subject_id"].as_str().unwrap().to_owned(),
     )
 }
 
@@ -70,7 +72,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let query = QueryApi::start(&url, &[("READ_WAIT_TIMEOUT", "200ms")]).await;
-    let (account, opened) = open(&api, "ryw").await;
+    let (account, opened, subject) = open(&api, "ryw").await;
     let deposited = api.deposit(&account, 40).await["position"]
         .as_i64()
         .unwrap();
@@ -80,7 +82,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
     // and the owner's totals stop at the opening.
     replay(&url, "account_summary", 1, deposited).await;
     replay(&url, "account_statement", 1, opened).await;
-    replay(&url, "owner_totals", 1, opened).await;
+    replay(&url, "subject_totals", 1, opened).await;
 
     let (status, _, summary) = query
         .get(&format!("/v1/accounts/{account}?position={deposited}"))
@@ -99,7 +101,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
     );
     let totals = query
         .get(&format!(
-            "/v1/owners/ryw/totals?account={account}&position={deposited}"
+            "/v1/subjects/{subject}/totals?account={account}&position={deposited}"
         ))
         .await;
     assert_behind(
@@ -118,7 +120,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
 
     // Once they catch up, the same reads answer with the deposit.
     replay(&url, "account_statement", 1, deposited).await;
-    replay(&url, "owner_totals", 1, deposited).await;
+    replay(&url, "subject_totals", 1, deposited).await;
     let (status, _, page) = query
         .get(&format!(
             "/v1/accounts/{account}/statement?position={deposited}"
@@ -128,7 +130,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
     assert_eq!(page["entries"][1]["balance_after"], 40, "{page}");
     let (status, _, totals) = query
         .get(&format!(
-            "/v1/owners/ryw/totals?account={account}&position={deposited}"
+            "/v1/subjects/{subject}/totals?account={account}&position={deposited}"
         ))
         .await;
     assert_eq!(status, 200, "{totals}");
@@ -154,7 +156,7 @@ async fn each_read_waits_on_the_position_of_the_model_it_reads() {
     );
     let totals = query
         .get(&format!(
-            "/v1/owners/ryw/totals?account={account}&position={again}"
+            "/v1/subjects/{subject}/totals?account={account}&position={again}"
         ))
         .await;
     assert_behind(&totals, deposited, "totals after a summary-only rebuild");
@@ -166,7 +168,7 @@ async fn a_rebuild_that_changes_a_row_changes_what_readers_get_and_its_etag() {
     let api = CommandApi::start(&url).await;
     // Cached entries would outlive the test: only the rebuild's notification can drop them.
     let query = QueryApi::start(&url, &[("CACHE_TTL", "1h")]).await;
-    let (account, _) = open(&api, "etag").await;
+    let (account, _, _) = open(&api, "etag").await;
     let deposited = api.deposit(&account, 40).await["position"]
         .as_i64()
         .unwrap();
@@ -254,7 +256,7 @@ async fn control_bytes_in_any_path_segment_or_query_parameter_get_a_4xx_problem_
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let query = QueryApi::start(&url, &[("READ_WAIT_TIMEOUT", "50ms")]).await;
-    let (account, _) = open(&api, "controls").await;
+    let (account, _, subject) = open(&api, "controls").await;
     let transfer = uuid::Uuid::new_v4();
     let written = event_count(&url).await;
     for c in control_bytes() {
@@ -270,9 +272,12 @@ async fn control_bytes_in_any_path_segment_or_query_parameter_get_a_4xx_problem_
             format!("/v1/accounts/{account}/statement?after={c}"),
             format!("/v1/accounts/{account}/statement?limit=5{c}"),
             format!("/v1/accounts/{account}/statement?position={c}"),
-            format!("/v1/owners/controls/totals?account={c}&position=1"),
-            format!("/v1/owners/controls/totals?account={c}"),
-            format!("/v1/owners/controls/totals?position={c}&account={account}"),
+            format!("/v1/subjects/{c}"),
+            format!("/v1/subjects/{c}/totals"),
+            format!("/v1/subjects/{c}/export"),
+            format!("/v1/subjects/{subject}/totals?account={c}&position=1"),
+            format!("/v1/subjects/{subject}/totals?account={c}"),
+            format!("/v1/subjects/{subject}/totals?position={c}&account={account}"),
             format!("/v1/transfers/{transfer}?position={c}"),
             format!("/v1/accounts/{account}?{c}=1"),
         ] {
@@ -323,8 +328,8 @@ async fn control_bytes_in_any_path_segment_or_query_parameter_get_a_4xx_problem_
 async fn minus_zero_is_422_amount_not_positive_and_writes_nothing() {
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
-    let (account, _) = open(&api, "zero").await;
-    let (other, _) = open(&api, "zero").await;
+    let (account, _, _) = open(&api, "zero").await;
+    let (other, _, _) = open(&api, "zero").await;
     let written = event_count(&url).await;
     for (path, body) in [
         (
@@ -551,7 +556,7 @@ async fn random_bytes_in_paths_and_queries_never_get_a_5xx_on_either_api() {
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
     let query = QueryApi::start(&url, &[("READ_WAIT_TIMEOUT", "20ms")]).await;
-    let (account, _) = open(&api, "random").await;
+    let (account, _, subject) = open(&api, "random").await;
     let written = event_count(&url).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x0c7b_17e5);
     for round in 0..300 {
@@ -573,7 +578,8 @@ async fn random_bytes_in_paths_and_queries_never_get_a_5xx_on_either_api() {
             format!("/v1/transfers/{value}"),
             format!("/v1/accounts/{account}?position={value}"),
             format!("/v1/accounts/{account}/statement?after={value}&limit={value}"),
-            format!("/v1/owners/random/totals?account={value}&position=1"),
+            format!("/v1/subjects/{subject}/totals?account={value}&position=1"),
+            format!("/v1/subjects/{value}"),
         ];
         let path = &get[round % get.len()];
         let response = query
