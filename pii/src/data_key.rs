@@ -155,7 +155,7 @@ pub enum UnwrapError {
     UnknownKek(KekId),
     /// The bytes do not authenticate under the named KEK for this subject and version: a
     /// different key was configured under that id, or the row was altered or moved.
-    #[error("the data key does not authenticate under KEK `{0}` (wrong key material for that id, or an altered row)")]
+    #[error("the data key does not authenticate under KEK `{0}`: the key configured under that id in PII_KEK or PII_KEK_PREVIOUS is not the one that wrapped it (or the row was altered)")]
     AuthenticationFailed(KekId),
     /// The stored bytes are not a wrapped key at all.
     #[error("the stored data key is malformed")]

@@ -474,7 +474,7 @@ async fn erasure_racing_deposits_and_transfers_loses_no_money() {
     eventually(DEADLINE, "every transfer ended", || async {
         let mut conn = PgConnection::connect(&s.url).await.unwrap();
         let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM transfers WHERE status NOT IN ('completed', 'failed')",
+            "SELECT count(*) FROM transfers WHERE state NOT IN ('completed', 'failed', 'compensated')",
         )
         .fetch_one(&mut conn)
         .await
@@ -503,8 +503,8 @@ async fn a_ciphertext_that_fails_authentication_is_a_dead_letter_and_the_rest_ap
     let account = open(&s.api, &subject).await;
     money(&s.api, &account, "deposits", 5, "genuine").await;
     let mut conn = PgConnection::connect(&s.url).await.unwrap();
-    let (sealed, metadata): (String, Value) = sqlx::query_as(
-        "SELECT payload->>'reference', metadata::jsonb FROM events
+    let (sealed, subject_of_event): (String, String) = sqlx::query_as(
+        "SELECT payload->>'reference', metadata->>'data_subject' FROM events
           WHERE aggregate_id = $1 AND event_type = 'MoneyDeposited'",
     )
     .bind(&account)
@@ -512,6 +512,7 @@ async fn a_ciphertext_that_fails_authentication_is_a_dead_letter_and_the_rest_ap
     .await
     .unwrap();
     // The same ciphertext on a new event: its id is not the one the ciphertext is bound to.
+    let metadata = json!({ "data_subject": subject_of_event });
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata)
