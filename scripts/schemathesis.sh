@@ -28,8 +28,10 @@ psql "$ADMIN_URL" -qc 'DROP DATABASE IF EXISTS ledger_schemathesis WITH (FORCE)'
 psql "$ADMIN_URL" -qc 'CREATE DATABASE ledger_schemathesis' >/dev/null
 export DATABASE_URL="${ADMIN_URL%/*}/ledger_schemathesis"
 export LOG_FORMAT=json RUST_LOG=warn AUTH_MODE=api-keys RATE_LIMIT_PER_SECOND=0 READ_WAIT_TIMEOUT=50ms
+# A key-encryption key for this scratch database only (ADR 0019).
+export PII_KEK="schemathesis:$(head -c 32 /dev/urandom | base64)"
 "$bin/ledger-command" migrate 2>/dev/null
-key=$("$bin/ledger-admin" --json keys create --name schemathesis --scope write,read |
+key=$("$bin/ledger-admin" --json keys create --name schemathesis --scope write,read,admin,export |
   sed -n 's/.*"key": "\(lk_[0-9a-f_]*\)".*/\1/p')
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

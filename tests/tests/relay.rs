@@ -29,7 +29,8 @@ async fn event_ids(url: &str) -> HashSet<String> {
 }
 
 /// Opens `accounts` accounts and makes `deposits` deposits in each, concurrently across
-/// accounts; returns the account ids.
+/// accounts; returns the account ids. The first call on an API also registers the data
+/// subject the accounts belong to: one event more (the counts below say `+ 1`).
 async fn traffic(api: &CommandApi, accounts: usize, deposits: i64) -> Vec<String> {
     let ids = join_all((0..accounts).map(|_| api.open_account())).await;
     join_all(ids.iter().map(|id| async move {
@@ -57,7 +58,7 @@ async fn every_event_is_published_once_with_readable_cloudevents_headers() {
     let relay = Relay::start(&url, &broker.address, &[]).await;
     traffic(&api, 4, 5).await;
     let stored = event_ids(&url).await;
-    assert_eq!(stored.len(), 24);
+    assert_eq!(stored.len(), 24 + 1);
 
     let received = read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
     assert_same_events(&received, &stored);
@@ -75,7 +76,7 @@ async fn every_event_is_published_once_with_readable_cloudevents_headers() {
     assert_eq!(deposit.header("ce_type"), "ledger.account.MoneyDeposited");
     assert_eq!(deposit.header("ce_subject"), deposit.key);
     assert_eq!(deposit.header("content-type"), "application/json");
-    assert_eq!(deposit.header("ledger_event_version"), "2");
+    assert_eq!(deposit.header("ledger_event_version"), "3");
     assert!(!deposit.header("ledger_request_id").is_empty());
     assert!(ledger_events::metadata::is_valid_traceparent(
         deposit.header("traceparent")
@@ -85,7 +86,7 @@ async fn every_event_is_published_once_with_readable_cloudevents_headers() {
 
     let status = relay
         .wait_status("caught up", KAFKA, |s| {
-            s["lag_events"] == 0 && s["published"] == 24
+            s["lag_events"] == 0 && s["published"] == 24 + 1
         })
         .await;
     assert_eq!(status["leader"], true);
@@ -99,7 +100,7 @@ async fn a_transaction_holding_an_earlier_position_stops_publication_until_it_co
     // One partition: the relay's publication order is the topic's order.
     let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "1")]).await;
     let before = traffic(&api, 1, 2).await;
-    read_all(&broker.address, &topic(&url), 3, KAFKA);
+    read_all(&broker.address, &topic(&url), 3 + 1, KAFKA);
 
     // A transaction takes the next position and stays open...
     let mut slow = PgConnection::connect(&url).await.unwrap();
@@ -125,21 +126,21 @@ async fn a_transaction_holding_an_earlier_position_stops_publication_until_it_co
         .await;
     assert_eq!(
         message_count(&broker.address, &topic(&url)),
-        3,
+        3 + 1,
         "the relay published past a transaction that was still open"
     );
 
     open.commit().await.unwrap();
-    let received = read_all(&broker.address, &topic(&url), 3 + 1 + 6, KAFKA);
+    let received = read_all(&broker.address, &topic(&url), 3 + 1 + 1 + 6, KAFKA);
     let positions: Vec<i64> = received
         .iter()
         .map(|m| m.header("ledger_global_position").parse().unwrap())
         .collect();
     assert_eq!(
-        positions[3], gap,
+        positions[4], gap,
         "the held event comes first once committed: {positions:?}"
     );
-    assert!(positions[4..].iter().all(|p| *p > gap));
+    assert!(positions[5..].iter().all(|p| *p > gap));
     assert_per_aggregate_order(&received);
     assert_same_events(&received, &event_ids(&url).await);
 }
@@ -149,7 +150,7 @@ async fn a_relay_killed_between_publish_and_checkpoint_resends_and_skips_nothing
     let broker = Broker::shared().await;
     let url = migrated_database().await;
     let api = CommandApi::start(&url).await;
-    traffic(&api, 3, 3).await; // 12 events
+    traffic(&api, 3, 3).await; // 12 events + 1
     let stored = event_ids(&url).await;
 
     let mut crashing = Relay::start(
@@ -177,7 +178,7 @@ async fn a_relay_killed_between_publish_and_checkpoint_resends_and_skips_nothing
     assert_same_events(&received, &stored);
     assert_eq!(
         received.len(),
-        12 + 5,
+        12 + 1 + 5,
         "the unacknowledged batch was sent again"
     );
     assert_per_aggregate_order(&received);
@@ -190,7 +191,7 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
     let api = CommandApi::start(&url).await;
     let relay = Relay::start(&url, &broker.address, &[]).await;
     let accounts = traffic(&api, 2, 2).await;
-    read_all(&broker.address, &topic(&url), 6, KAFKA);
+    read_all(&broker.address, &topic(&url), 6 + 1, KAFKA);
 
     broker.stop().await;
     // Commands keep succeeding while the broker is down.
@@ -202,7 +203,7 @@ async fn a_broker_outage_delays_publication_loses_nothing_and_never_blocks_comma
     let more = traffic(&api, 2, 3).await;
     assert_eq!(more.len(), 2);
     let stored = event_ids(&url).await;
-    assert_eq!(stored.len(), 6 + 10 + 8);
+    assert_eq!(stored.len(), 6 + 1 + 10 + 8);
     relay
         .wait_status("lag reported during the outage", KAFKA, |s| {
             s["lag_events"].as_i64().unwrap_or(0) > 0
@@ -248,7 +249,7 @@ async fn a_standby_relay_takes_over_when_the_leader_dies_and_skips_nothing() {
         "two leaders at once"
     );
     traffic(&api, 2, 3).await;
-    read_all(&broker.address, &topic(&url), 8, KAFKA);
+    read_all(&broker.address, &topic(&url), 8 + 1, KAFKA);
 
     // Kill the leader outright; commands go on meanwhile.
     let (mut leader, standby) = (first, &mut second);
@@ -259,7 +260,7 @@ async fn a_standby_relay_takes_over_when_the_leader_dies_and_skips_nothing() {
         .wait_status("takeover", KAFKA, |s| s["leader"] == true)
         .await;
     let stored = event_ids(&url).await;
-    assert_eq!(stored.len(), 16);
+    assert_eq!(stored.len(), 16 + 1);
     let received = read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
     assert_same_events(&received, &stored);
     assert_per_aggregate_order(&received);
@@ -273,7 +274,7 @@ async fn sigterm_stops_the_relay_cleanly_with_its_checkpoint_written() {
     let mut relay = Relay::start(&url, &broker.address, &[]).await;
     traffic(&api, 2, 2).await;
     relay
-        .wait_status("published", KAFKA, |s| s["published"] == 6)
+        .wait_status("published", KAFKA, |s| s["published"] == 6 + 1)
         .await;
     relay.process.signal(Signal::SIGTERM);
     assert_eq!(relay.process.exit_code(Duration::from_secs(30)).await, 0);
@@ -314,7 +315,7 @@ async fn kcat_reads_each_event_keyed_by_aggregate_with_the_documented_headers_an
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    assert_eq!(stored.len(), 9);
+    assert_eq!(stored.len(), 9 + 1);
     read_all(&broker.address, &topic(&url), stored.len(), KAFKA);
 
     let output = tokio::process::Command::new("kcat")
@@ -359,12 +360,25 @@ async fn kcat_reads_each_event_keyed_by_aggregate_with_the_documented_headers_an
             .chunks(2)
             .map(|pair| (pair[0].as_str().unwrap(), pair[1].as_str().unwrap_or("")))
             .collect();
-        let names: Vec<&str> = headers.keys().copied().collect();
-        assert_eq!(names, documented, "header names of {message}");
         let (_, aggregate, sequence, payload) = stored
             .iter()
             .find(|(id, ..)| id.to_string() == headers["ce_id"])
             .unwrap_or_else(|| panic!("{} is not a stored event", headers["ce_id"]));
+        // A payload with personal fields (ciphertext) also names its data subject and key
+        // version (ADR 0019): the subject's registration here.
+        let personal = payload
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|value| value.as_str().is_some_and(|text| text.starts_with("pii1.")));
+        let mut expected: Vec<&str> = documented.to_vec();
+        if personal {
+            expected.extend(["ledger_data_subject", "ledger_pii_key_version"]);
+            expected.sort_unstable();
+            assert_eq!(headers["ledger_data_subject"], aggregate);
+        }
+        let names: Vec<&str> = headers.keys().copied().collect();
+        assert_eq!(names, expected, "header names of {message}");
         assert_eq!(
             message["key"],
             aggregate.as_str(),
@@ -376,7 +390,10 @@ async fn kcat_reads_each_event_keyed_by_aggregate_with_the_documented_headers_an
         assert_eq!(headers["content-type"], "application/json");
         assert_eq!(
             headers["ce_type"],
-            format!("ledger.account.{}", headers["ledger_event_type"])
+            format!(
+                "ledger.{}.{}",
+                headers["ledger_aggregate_type"], headers["ledger_event_type"]
+            )
         );
         let value: serde_json::Value =
             serde_json::from_str(message["payload"].as_str().unwrap()).unwrap();

@@ -88,6 +88,15 @@ enum PiiCommand {
         #[arg(long = "batch", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
     },
+    /// Move names and references written in clear before data subjects existed (v1
+    /// openings' `owner`, v2 references) into subjects and ciphertext, in place, one owner
+    /// name per transaction (ADR 0019). Idempotent; run `rebuild all` afterwards so the read
+    /// models drop the names in clear.
+    MigrateLegacy {
+        /// Owner names looked up at a time.
+        #[arg(long = "batch", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -440,6 +449,32 @@ async fn execute(cli: &Cli, pool: &sqlx::PgPool) -> Result<(), ops::OpError> {
                 println!("live data keys per KEK id:");
                 for (kek, count) in &report.live_by_kek {
                     println!("  {kek:<20} {count:>10}");
+                }
+            });
+        }
+        Command::Pii(PiiCommand::MigrateLegacy { batch }) => {
+            let keys = key_store(pool).await?;
+            let report = ledger_pii::legacy::migrate(pool, &keys, *batch)
+                .await
+                .map_err(|err| match err {
+                    ledger_pii::legacy::LegacyError::Database(err) => ops::OpError::Database(err),
+                    ledger_pii::legacy::LegacyError::Key(err) => ops::OpError::Keys(err),
+                })?;
+            print(cli.json, &report, |r| {
+                println!(
+                    "moved {} legacy owner names into subjects ({} erased meanwhile): {} openings \
+                     and {} references rewritten, {} snapshots deleted, {} stored answers and {} \
+                     dead letters scrubbed",
+                    r.subjects,
+                    r.erased_subjects,
+                    r.openings,
+                    r.references,
+                    r.snapshots,
+                    r.answers,
+                    r.dead_letters
+                );
+                if r.subjects > 0 {
+                    println!("next: ledger-admin rebuild all (the read models still hold the names in clear)");
                 }
             });
         }
