@@ -101,8 +101,8 @@ where
 }
 
 /// Writes a wrk script posting deposits of 1 to `ids`, walked with a stride of 7,919 (the
-/// order the peer's driver uses), and returns its path.
-pub fn deposit_script(ids: &[Uuid], name: &str) -> std::path::PathBuf {
+/// order the peer's driver uses), each with `reference` when given, and returns its path.
+pub fn deposit_script(ids: &[Uuid], name: &str, reference: Option<&str>) -> std::path::PathBuf {
     let script =
         std::env::temp_dir().join(format!("ledger-bench-{name}-{}.lua", std::process::id()));
     let list = ids
@@ -110,17 +110,26 @@ pub fn deposit_script(ids: &[Uuid], name: &str) -> std::path::PathBuf {
         .map(|id| format!("\"{id}\""))
         .collect::<Vec<_>>()
         .join(",");
+    let reference = reference_member(reference);
     std::fs::write(
         &script,
         format!(
-            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
+            "local ids = {{{list}}}\nlocal i = 0\nwrk.method = \"POST\"\nwrk.body = '{{\"amount\": 1, \"currency\": \"EUR\"{reference}}}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nrequest = function()\n  i = i + 7919\n  return wrk.format(nil, \"/v1/accounts/\" .. ids[(i % #ids) + 1] .. \"/deposits\")\nend\n"
         ),
     )
     .unwrap();
     script
 }
 
-/// Opens `count` EUR accounts with 1,000,000 in each, straight into the store.
+/// The `, "reference": "…"` member of a deposit body, or nothing.
+fn reference_member(reference: Option<&str>) -> String {
+    reference.map_or_else(String::new, |text| format!(", \"reference\": \"{text}\""))
+}
+
+/// Opens `count` EUR accounts with 1,000,000 in each, straight into the store, for 100 data
+/// subjects: written as before subjects (v1 openings naming `bench-0` … `bench-99`), then
+/// moved into subjects with keys by the legacy migration, so that deposits may carry a
+/// reference (encrypted under the subject's key).
 pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
     let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
     let mut conn = PgConnection::connect(url).await.unwrap();
@@ -129,8 +138,8 @@ pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
              SELECT 'account', id, 1, 'AccountOpened', '1',
-                    json_build_object('type','AccountOpened','owner','bench','currency','EUR'), '{}'::json
-               FROM unnest($1::text[]) id
+                    json_build_object('type','AccountOpened','owner','bench-' || (n % 100),'currency','EUR'), '{}'::json
+               FROM unnest($1::text[]) WITH ORDINALITY AS o(id, n)
              UNION ALL
              SELECT 'account', id, 2, 'MoneyDeposited', '2',
                     json_build_object('type','MoneyDeposited','amount',1000000,'currency','EUR','reference',null), '{}'::json
@@ -141,6 +150,17 @@ pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
         .await
         .unwrap();
     }
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let keys = ledger_pii::KeyStore::new(
+        pool.clone(),
+        ledger_pii::Keyring::parse(Some(ledger_e2e::process::TEST_KEK), None)
+            .unwrap_or_else(|err| panic!("{err}")),
+        ledger_pii::CacheSettings::default(),
+    );
+    ledger_pii::legacy::migrate(&pool, &keys, 100)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    pool.close().await;
     sqlx::query("VACUUM ANALYZE events")
         .execute(&mut conn)
         .await
@@ -235,7 +255,7 @@ pub async fn commands(accounts: usize, seconds: u64) {
 
     // The HTTP load generator is wrk (as pgbench is the ceiling's): deposits of 1 into the
     // same accounts in the same order as the peer.
-    let script = deposit_script(&ids, "deposits");
+    let script = deposit_script(&ids, "deposits", None);
     println!("accounts: {accounts}; {seconds} s per measure");
     println!(
         "{:<44} {:>8} {:>12} {:>9} {:>9} {:>8}",
@@ -287,6 +307,33 @@ pub async fn commands(accounts: usize, seconds: u64) {
             ledger / ceiling
         );
     }
+
+    // Personal data (ADR 0019): the same 32-client load with a 30-character reference on
+    // every deposit, which the command API seals under the account's subject's key (found
+    // through its account-to-subject and key caches) and binds to the event's id. Runs
+    // alternate, two of each, beside the same load without a reference.
+    let sealed_script = deposit_script(&ids, "sealed", Some("invoice 2026-117 of the bench"));
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        for (name, script, runs) in [
+            ("32 clients, no reference", &script, &mut without),
+            ("32 clients, reference encrypted", &sealed_script, &mut with),
+        ] {
+            let run = wrk(&base, "/", Some(script), seconds, 2, 32);
+            println!(
+                "{:<44} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>8}",
+                name, 32, run.rate, run.p50, run.p99, run.errors
+            );
+            runs.push(run.rate);
+        }
+    }
+    let mean = |runs: &[f64]| runs.iter().sum::<f64>() / runs.len() as f64;
+    println!(
+        "32 clients: with an encrypted reference / without = {:.2} ({:.0} vs {:.0} commands/s, mean of 2 runs each)",
+        mean(&with) / mean(&without),
+        mean(&with),
+        mean(&without)
+    );
 
     // Hot account: everyone on one account, which starts with 100; deposits of 1 and
     // withdrawals of 2 alternate, so it runs dry and overdrafts are attempted all along.

@@ -67,7 +67,7 @@ pub async fn keepup(accounts: usize, seconds: u64, clients: usize, drain: u64) {
         .await
         .unwrap();
 
-    let script = deposit_script(&ids, "keepup");
+    let script = deposit_script(&ids, "keepup", None);
 
     println!(
         "accounts: {accounts}; {clients} clients (wrk, closed loop) for {seconds} s, then up to {drain} s to drain; relay → Apache Kafka → projector, all on this machine"

@@ -24,7 +24,9 @@ use ledger_e2e::services::migrated_database;
 use ledger_e2e::{binary, free_port, Process};
 use ledger_relay::config::Settings as RelaySettings;
 use ledger_store::{read_after, LogCursor, LogEntry};
+use serde_json::json;
 use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(name = "ledger-bench", about)]
@@ -62,6 +64,12 @@ enum Bench {
         /// Events per rebuild transaction.
         #[arg(long, default_value_t = 1_000)]
         batch_size: i64,
+        /// References on the deposits: `none`, `clear` (as written before subjects) or
+        /// `encrypted` (under 100 subjects' keys, as today's command API writes them). The
+        /// accounts belong to 100 data subjects either way; compare `clear` with
+        /// `encrypted` for the cost of decryption.
+        #[arg(long, default_value = "none", value_parser = ["none", "clear", "encrypted"])]
+        references: String,
     },
     /// Command throughput at 1 and 32 clients beside a pgbench single-row ceiling and plain
     /// cqrs-es, and a hot account (32 clients on one account).
@@ -210,7 +218,17 @@ async fn main() {
             events_per_account,
             projection,
             batch_size,
-        } => rebuild(accounts, events_per_account, &projection, batch_size).await,
+            references,
+        } => {
+            rebuild(
+                accounts,
+                events_per_account,
+                &projection,
+                batch_size,
+                &references,
+            )
+            .await
+        }
     }
 }
 
@@ -233,6 +251,94 @@ async fn seed(url: &str, accounts: i64, per_account: i64) -> i64 {
         .fetch_one(&mut conn)
         .await
         .unwrap()
+}
+
+/// Seeds `accounts` accounts of 100 data subjects (keys stored, no registration events),
+/// each opened and then given `per_account - 1` deposits with a reference, encrypted under
+/// the subject's key and bound to the event's id when `encrypted`, in clear (v2) otherwise.
+async fn seed_with_references(
+    pool: &sqlx::PgPool,
+    keys: &ledger_pii::KeyStore,
+    accounts: i64,
+    per_account: i64,
+    encrypted: bool,
+) {
+    use ledger_events::subject::fields;
+    let mut subjects = Vec::new();
+    let mut conn = pool.acquire().await.unwrap();
+    for _ in 0..100 {
+        let key = ledger_pii::KeyStore::generate(Uuid::now_v7());
+        keys.store_in(&mut conn, &key).await.unwrap();
+        subjects.push(key);
+    }
+    drop(conn);
+    let slice = 50;
+    let mut first = 1;
+    while first <= accounts {
+        let last = (first + slice - 1).min(accounts);
+        let mut columns: [Vec<String>; 5] = Default::default();
+        let mut ids = Vec::new();
+        let mut sequences = Vec::new();
+        for a in first..=last {
+            let key = &subjects[usize::try_from(a).unwrap_or(0) % subjects.len()];
+            let subject = key.subject().to_string();
+            for s in 1..=per_account {
+                let event_id = Uuid::now_v7();
+                let (event_type, version, payload) = if s == 1 {
+                    (
+                        "AccountOpened",
+                        "2",
+                        json!({"type": "AccountOpened", "subject_id": subject, "currency": "EUR"}),
+                    )
+                } else {
+                    let text = format!("invoice {a}-{s} for the bench");
+                    let reference = if encrypted {
+                        key.encrypt(event_id, fields::REFERENCE, &text)
+                    } else {
+                        text
+                    };
+                    (
+                        "MoneyDeposited",
+                        if encrypted { "3" } else { "2" },
+                        json!({"type": "MoneyDeposited", "amount": s, "currency": "EUR",
+                               "reference": reference}),
+                    )
+                };
+                let metadata = if encrypted && s > 1 {
+                    json!({"request_id": "bench", "data_subject": subject})
+                } else {
+                    json!({"request_id": "bench"})
+                };
+                ids.push(event_id);
+                sequences.push(s);
+                columns[0].push(format!("bench-{a}"));
+                columns[1].push(event_type.to_owned());
+                columns[2].push(version.to_owned());
+                columns[3].push(payload.to_string());
+                columns[4].push(metadata.to_string());
+            }
+        }
+        sqlx::query(
+            "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             SELECT e.id, 'account', e.aggregate_id, e.sequence, e.event_type, e.version,
+                    e.payload::json, e.metadata::json
+               FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                           $6::text[], $7::text[])
+                    AS e(id, aggregate_id, sequence, event_type, version, payload, metadata)",
+        )
+        .bind(&ids)
+        .bind(&columns[0])
+        .bind(&sequences)
+        .bind(&columns[1])
+        .bind(&columns[2])
+        .bind(&columns[3])
+        .bind(&columns[4])
+        .execute(pool)
+        .await
+        .unwrap();
+        first = last + 1;
+    }
 }
 
 async fn relay(accounts: i64, per_account: i64, partitions: i32) {
@@ -339,16 +445,43 @@ async fn relay(accounts: i64, per_account: i64, partitions: i32) {
     );
 }
 
-async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: i64) {
+async fn rebuild(
+    accounts: i64,
+    per_account: i64,
+    projection: &str,
+    batch_size: i64,
+    references: &str,
+) {
     let url = migrated_database().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(12)
         .connect(&url)
         .await
         .unwrap();
+    // Rebuilds decrypt personal fields. The bench's scratch database gets the test keyring.
+    let keys = ledger_pii::KeyStore::new(
+        pool.clone(),
+        ledger_pii::Keyring::parse(Some(ledger_e2e::process::TEST_KEK), None)
+            .unwrap_or_else(|err| panic!("{err}")),
+        ledger_pii::CacheSettings::default(),
+    );
+    if references != "none" {
+        seed_with_references(
+            &pool,
+            &keys,
+            accounts,
+            per_account,
+            references == "encrypted",
+        )
+        .await;
+    }
     // Seed in slices, one transaction each, like many commands would.
     let slice = 50;
-    let mut first = 1;
+    let mut first = if references == "none" {
+        1
+    } else {
+        accounts + 1
+    };
     while first <= accounts {
         let last = (first + slice - 1).min(accounts);
         sqlx::query(
@@ -375,7 +508,7 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
         .await
         .unwrap();
     let (total, _) = ledger_store::head(&pool).await.unwrap();
-    println!("rebuild benchmark: {total} events over {accounts} accounts; projection {projection}; batch {batch_size}");
+    println!("rebuild benchmark: {total} events over {accounts} accounts; projection {projection}; batch {batch_size}; references {references}");
 
     // Ceiling: the same ordered reads the rebuild makes, applying nothing.
     let started = Instant::now();
@@ -390,12 +523,6 @@ async fn rebuild(accounts: i64, per_account: i64, projection: &str, batch_size: 
     let ceiling = started.elapsed();
     assert_eq!(i64::try_from(read).unwrap_or(0), total);
 
-    // Rebuilds decrypt personal fields: the keyring from PII_KEK / PII_KEK_PREVIOUS.
-    let keys = ledger_pii::KeyStore::new(
-        pool.clone(),
-        ledger_pii::Keyring::from_env().unwrap_or_else(|err| panic!("{err}")),
-        ledger_pii::CacheSettings::default(),
-    );
     // `all`: every projection in turn, each a full rebuild of its own (one log read each).
     let projections: Vec<&str> = if projection == "all" {
         ledger_readmodels::names::ALL.to_vec()
