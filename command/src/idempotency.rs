@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ledger_events::Metadata;
+use ledger_pii::Keyring;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -93,16 +94,18 @@ pub struct Appended {
     pub last_position: i64,
 }
 
-/// A request's fingerprint: SHA-256 over method, path and the canonical JSON of the body
-/// (object keys sorted, no insignificant white space).
-pub fn fingerprint(method: &str, path: &str, body: &Value) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(method.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(path.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(body.to_string().as_bytes());
-    hex::encode(hasher.finalize())
+/// A request's fingerprints over method, path and the canonical JSON of the body (object
+/// keys sorted, no insignificant white space): keyed digests under each configured KEK
+/// ([`Keyring::fingerprints`], the current one's first, which is the one stored), then the
+/// unkeyed SHA-256 that keys stored before keyed fingerprints hold (accepted, never stored
+/// again). A body may hold a name or a reference, and fingerprints are stored and
+/// published with the events: an unkeyed hash would let anyone confirm a guessed name
+/// (ADR 0019).
+pub fn fingerprints(keyring: &Keyring, method: &str, path: &str, body: &Value) -> Vec<String> {
+    let message = format!("{method}\n{path}\n{body}");
+    let mut accepted = keyring.fingerprints(message.as_bytes());
+    accepted.push(hex::encode(Sha256::digest(message.as_bytes())));
+    accepted
 }
 
 /// One row of `idempotency_keys`, as read.
@@ -123,21 +126,21 @@ struct KeyRow {
 pub async fn find(
     pool: &PgPool,
     key: &ClientKey,
-    request_hash: &str,
+    request_hashes: &[String],
 ) -> Result<Option<KeyRecord>, sqlx::Error> {
     let row: Option<KeyRow> = sqlx::query_as(
         "SELECT client_scope, request_hash, aggregate_id, last_sequence, last_position,
                 response_status, response_body
            FROM idempotency_keys
           WHERE idempotency_key = $1
-            AND (client_scope = $2 OR (client_scope = $3 AND request_hash = $4))
+            AND (client_scope = $2 OR (client_scope = $3 AND request_hash = ANY($4)))
           ORDER BY client_scope = $3
           LIMIT 1",
     )
     .bind(&key.key)
     .bind(&key.scope)
     .bind(LEGACY_SCOPE)
-    .bind(request_hash)
+    .bind(request_hashes)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|row| KeyRecord {
@@ -263,11 +266,36 @@ mod tests {
 
     #[test]
     fn fingerprints_ignore_key_order_and_see_every_field() {
+        let keyring =
+            Keyring::parse(Some("t:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="), None).unwrap();
+        let fingerprint = |method: &str, path: &str, body: &Value| {
+            fingerprints(&keyring, method, path, body)[0].clone()
+        };
         let a: Value = serde_json::from_str(r#"{"amount": 5, "currency": "EUR"}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{ "currency":"EUR","amount":5 }"#).unwrap();
         assert_eq!(fingerprint("POST", "/x", &a), fingerprint("POST", "/x", &b));
         let c = json!({"amount": 6, "currency": "EUR"});
         assert_ne!(fingerprint("POST", "/x", &a), fingerprint("POST", "/x", &c));
         assert_ne!(fingerprint("POST", "/x", &a), fingerprint("POST", "/y", &a));
+    }
+
+    #[test]
+    fn the_stored_fingerprint_is_keyed_and_the_unkeyed_one_is_only_accepted() {
+        let keyring =
+            Keyring::parse(Some("t:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="), None).unwrap();
+        let body = json!({"name": "Ada Lovelace"});
+        let accepted = fingerprints(&keyring, "POST", "/v1/subjects", &body);
+        let unkeyed = hex::encode(Sha256::digest(
+            format!("POST\n/v1/subjects\n{body}").as_bytes(),
+        ));
+        assert_ne!(
+            accepted[0], unkeyed,
+            "what is stored needs the KEK to compute"
+        );
+        assert_eq!(
+            accepted.last(),
+            Some(&unkeyed),
+            "keys stored before still match"
+        );
     }
 }

@@ -187,6 +187,36 @@ impl Keyring {
         )
     }
 
+    /// Keyed digests of `message` (HMAC-SHA256, lower-case hex), one per KEK, the current
+    /// KEK's first: for fingerprints of requests that may hold personal data (a name, a
+    /// reference), which are stored and published in clear. An unkeyed hash of a name
+    /// would let anyone holding the events confirm a guessed name; these need a KEK. The
+    /// key is derived from the KEK (never the KEK itself), so a digest reveals nothing about
+    /// it. Store the first; accept any (a request retried across a KEK rotation still
+    /// matches while the old KEK is in `PII_KEK_PREVIOUS`).
+    pub fn fingerprints(&self, message: &[u8]) -> Vec<String> {
+        use hmac::{Hmac, Mac};
+        type HmacSha256 = Hmac<sha2::Sha256>;
+        let digest = |kek: &Kek| {
+            let mut derive = <HmacSha256 as Mac>::new_from_slice(kek.key_bytes())
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            derive.update(b"ledger-pii/fingerprint/1");
+            let key = derive.finalize().into_bytes();
+            let mut mac = <HmacSha256 as Mac>::new_from_slice(&key)
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            mac.update(message);
+            hex::encode(mac.finalize().into_bytes())
+        };
+        let mut digests = vec![digest(self.current())];
+        digests.extend(
+            self.keys
+                .iter()
+                .filter(|(id, _)| **id != self.current)
+                .map(|(_, kek)| digest(kek)),
+        );
+        digests
+    }
+
     /// The KEK new keys are wrapped with.
     pub fn current(&self) -> &Kek {
         // The constructor always inserts the current KEK.
@@ -420,5 +450,30 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("32, 33, 34"), "{shown}");
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_by_the_kek_and_still_match_after_a_rotation() {
+        let old =
+            Keyring::parse(Some("a:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="), None).unwrap();
+        let rotated = Keyring::parse(
+            Some("b:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+            Some("a:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
+        )
+        .unwrap();
+        let message = b"POST\n/v1/subjects\n{\"name\":\"Ada\"}";
+        let before = old.fingerprints(message);
+        let after = rotated.fingerprints(message);
+        assert_eq!(before.len(), 1);
+        assert_eq!(after.len(), 2);
+        assert_ne!(after[0], before[0], "a new KEK gives a new digest");
+        assert!(
+            after.contains(&before[0]),
+            "the old KEK's digest is still accepted"
+        );
+        assert_ne!(old.fingerprints(b"other")[0], before[0]);
+        // Not the unkeyed hash anyone could compute.
+        use sha2::Digest;
+        assert_ne!(before[0], hex::encode(sha2::Sha256::digest(message)));
     }
 }

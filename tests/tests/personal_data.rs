@@ -301,8 +301,31 @@ async fn a_persons_data_is_served_but_never_logged_or_published_and_after_erasur
     assert_eq!(balances_before[&first], 600);
     assert_eq!(balances_before[&second], 350);
 
-    // ... but nowhere else: no log, no message, no event, no snapshot.
-    for needle in [&name, &reference, &other_reference] {
+    // ... but nowhere else: no log, no message, no event, no snapshot. Nor the unkeyed
+    // hash of the registration request, which would confirm a guessed name: the stored
+    // fingerprint is keyed.
+    let guessable = {
+        use sha2::Digest;
+        let body = json!({ "name": name });
+        hex::encode(sha2::Sha256::digest(
+            format!("POST\n/v1/subjects\n{body}").as_bytes(),
+        ))
+    };
+    let registrations: i64 = {
+        let mut conn = PgConnection::connect(&s.url).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT count(*) FROM events
+              WHERE aggregate_type = 'subject' AND metadata->>'request_hash' IS NOT NULL",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        registrations, 1,
+        "the registration was keyed: it carries a fingerprint"
+    );
+    for needle in [&name, &reference, &other_reference, &guessable] {
         let found = leaks(&mut s, needle, &SERVING_TABLES).await;
         assert!(
             found.is_empty(),

@@ -141,7 +141,14 @@ pub async fn open(
             })
         }
     };
-    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::CREATED);
+    let request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &json!(body),
+        headers,
+        StatusCode::CREATED,
+    );
     // A replay answers what the first request got, whatever became of the subject since.
     if let Some(replayed) = intents::replay(&state.ledger, &request, render_account).await? {
         return Ok(replayed);
@@ -257,7 +264,14 @@ async fn move_money(
     Json(body): Json<MoneyRequest>,
 ) -> Result<Response, ApiError> {
     let (amount, currency, reference) = parse_money(&body)?;
-    let mut request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::OK);
+    let mut request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &json!(body),
+        headers,
+        StatusCode::OK,
+    );
     let reference = match reference {
         None => None,
         Some(text) => {
@@ -303,7 +317,14 @@ pub async fn close(
     headers: CommandHeaders,
     Path(account_id): Path<Uuid>,
 ) -> Result<Response, ApiError> {
-    let request = CommandRequest::new(&method, &uri, &Value::Null, headers, StatusCode::OK);
+    let request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &Value::Null,
+        headers,
+        StatusCode::OK,
+    );
     run(&state, request, account_id, AccountCommand::Close).await
 }
 

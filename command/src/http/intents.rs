@@ -9,6 +9,7 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use ledger_events::metadata::TRACEPARENT;
 use ledger_events::Metadata;
+use ledger_pii::Keyring;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -26,7 +27,8 @@ pub(super) const KEY_RACE_ROUNDS: usize = 3;
 pub struct CommandRequest {
     /// The headers it came with.
     pub headers: CommandHeaders,
-    fingerprint: String,
+    /// Its fingerprints: the first is stored, any matches ([`idempotency::fingerprints`]).
+    fingerprints: Vec<String>,
     success: StatusCode,
     /// The id the command's event must be stored under (a ciphertext in it is bound to it).
     event_id: Option<Uuid>,
@@ -35,8 +37,9 @@ pub struct CommandRequest {
 }
 
 impl CommandRequest {
-    /// The request's fingerprint and the status of its success.
+    /// The request's fingerprints (keyed by `keyring`) and the status of its success.
     pub fn new(
+        keyring: &Keyring,
         method: &Method,
         uri: &Uri,
         body: &Value,
@@ -44,7 +47,7 @@ impl CommandRequest {
         success: StatusCode,
     ) -> Self {
         Self {
-            fingerprint: idempotency::fingerprint(method.as_str(), uri.path(), body),
+            fingerprints: idempotency::fingerprints(keyring, method.as_str(), uri.path(), body),
             headers,
             success,
             event_id: None,
@@ -66,9 +69,20 @@ impl CommandRequest {
         self.success
     }
 
-    /// Its fingerprint (method, path and body as sent).
+    /// Its fingerprint as stored (method, path and body as sent, keyed by the current KEK).
     pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+        &self.fingerprints[0]
+    }
+
+    /// Every fingerprint it matches: under each configured KEK, and the unkeyed one of
+    /// keys stored before keyed fingerprints.
+    pub fn fingerprints(&self) -> &[String] {
+        &self.fingerprints
+    }
+
+    /// Whether a key's stored fingerprint is this request's.
+    pub fn is_same_request(&self, stored: &str) -> bool {
+        self.fingerprints.iter().any(|accepted| accepted == stored)
     }
 
     /// Its idempotency key, in its client's scope.
@@ -98,7 +112,7 @@ impl CommandRequest {
             request_hash: headers
                 .idempotency_key
                 .as_ref()
-                .map(|_| self.fingerprint.clone()),
+                .map(|_| self.fingerprint().to_owned()),
             ..Metadata::default()
         };
         metadata.data_subject = self.data_subject.map(|s| s.to_string());
@@ -141,7 +155,7 @@ where
         return Ok(None);
     };
     let pool = ledger.pool();
-    let Some(record) = idempotency::find(pool, &key, &request.fingerprint).await? else {
+    let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? else {
         return Ok(None);
     };
     answer_from_record(ledger, request, &record, &body).await
@@ -159,7 +173,7 @@ where
     A::Error: std::error::Error,
     ApiError: From<LedgerError<A::Error>> + From<A::Error>,
 {
-    if record.request_hash != request.fingerprint {
+    if !request.is_same_request(&record.request_hash) {
         return Err(ApiError::IdempotencyKeyReused);
     }
     if let Some(stored) = &record.response {
@@ -209,7 +223,7 @@ where
     };
     let pool = ledger.pool();
     for _ in 0..KEY_RACE_ROUNDS {
-        if let Some(record) = idempotency::find(pool, &key, &request.fingerprint).await? {
+        if let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? {
             if let Some(replayed) = answer_from_record(ledger, &request, &record, &body).await? {
                 return Ok(replayed);
             }
@@ -234,7 +248,7 @@ where
                     status: problem.status.as_u16(),
                     body: problem.body(),
                 };
-                if idempotency::record_refusal(pool, &key, &request.fingerprint, &stored).await? {
+                if idempotency::record_refusal(pool, &key, request.fingerprint(), &stored).await? {
                     return Ok(render(&stored, false));
                 }
                 // Another request claimed the key meanwhile: its answer stands.

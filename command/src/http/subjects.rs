@@ -83,7 +83,14 @@ pub async fn register(
     Json(body): Json<RegisterSubjectRequest>,
 ) -> Result<Response, ApiError> {
     let name = check_text("name", &body.name, MAX_NAME_CHARS)?;
-    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::CREATED);
+    let request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &json!(body),
+        headers,
+        StatusCode::CREATED,
+    );
     let subjects = &state.subjects;
     run_keyed(
         &state,
@@ -126,7 +133,14 @@ pub async fn erase(
     headers: CommandHeaders,
     Path(subject_id): Path<Uuid>,
 ) -> Result<Response, ApiError> {
-    let request = CommandRequest::new(&method, &uri, &Value::Null, headers, StatusCode::OK);
+    let request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &Value::Null,
+        headers,
+        StatusCode::OK,
+    );
     let subjects = &state.subjects;
     let render_erasure = |erased: crate::subjects::Erased| {
         json!(ErasureResponse {
@@ -174,8 +188,8 @@ where
     };
     let pool = state.ledger.pool();
     for _ in 0..KEY_RACE_ROUNDS {
-        if let Some(record) = idempotency::find(pool, &key, request.fingerprint()).await? {
-            if record.request_hash != request.fingerprint() {
+        if let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? {
+            if !request.is_same_request(&record.request_hash) {
                 return Err(ApiError::IdempotencyKeyReused);
             }
             if let Some(answer) = record.response {

@@ -104,7 +104,14 @@ pub async fn request(
     if headers.idempotency_key.is_none() {
         return Err(ApiError::IdempotencyKeyRequired);
     }
-    let request = CommandRequest::new(&method, &uri, &json!(body), headers, StatusCode::ACCEPTED);
+    let request = CommandRequest::new(
+        state.subjects.keys().keyring(),
+        &method,
+        &uri,
+        &json!(body),
+        headers,
+        StatusCode::ACCEPTED,
+    );
     let command = TransferCommand::Request {
         from: body.from,
         to: body.to,

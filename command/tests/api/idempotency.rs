@@ -11,7 +11,7 @@ use serde_json::json;
 
 use ledger_platform::auth::{self, Scope};
 
-use crate::helpers::{spawn_app, spawn_app_on, spawn_app_with};
+use crate::helpers::{spawn_app, spawn_app_on, spawn_app_with, test_keyring};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_and_request_get_the_same_answer_and_one_set_of_events() {
@@ -104,6 +104,7 @@ async fn a_request_committed_before_the_process_died_is_answered_from_its_events
     // under the key, and no stored answer.
     let path = format!("/v1/accounts/{id}/deposits");
     let body = json!({"amount": 60, "currency": "EUR"});
+    let fingerprints = idempotency::fingerprints(&test_keyring(), "POST", &path, &body);
     let ledger: Ledger = Ledger::new(app.pool.clone(), 100, RetryPolicy::default());
     let committed = ledger
         .execute(Intent {
@@ -116,16 +117,15 @@ async fn a_request_committed_before_the_process_died_is_answered_from_its_events
             metadata: Metadata {
                 idempotency_key: Some("k-died".into()),
                 idempotency_scope: Some(idempotency::ANONYMOUS_SCOPE.into()),
-                request_hash: Some(idempotency::fingerprint("POST", &path, &body)),
+                request_hash: Some(fingerprints[0].clone()),
                 ..Metadata::default()
             },
             event_id: None,
         })
         .await
         .unwrap();
-    let fingerprint = idempotency::fingerprint("POST", &path, &body);
     let key = idempotency::ClientKey::new(idempotency::ANONYMOUS_SCOPE, "k-died");
-    let record = idempotency::find(&app.pool, &key, &fingerprint)
+    let record = idempotency::find(&app.pool, &key, &fingerprints)
         .await
         .unwrap()
         .unwrap();
