@@ -711,6 +711,7 @@ enum Unrevealed {
 /// letter: a rebuild or replay after an erasure gives the marker, as live apply does).
 async fn reveal(
     keys: &KeyStore,
+    batch_keys: &mut BatchKeys,
     event: &RecordedEvent,
     subject: Option<&str>,
     field: &str,
@@ -722,7 +723,10 @@ async fn reveal(
             event.event_type, event.event_id
         )));
     };
-    match keys.decrypt(subject, event.event_id, field, text).await {
+    match batch_keys
+        .decrypt(keys, subject, event.event_id, field, text)
+        .await
+    {
         Ok(plaintext) => Ok(plaintext),
         Err(DecryptError::KeyErased { .. }) => Ok(ERASED_MARKER.to_owned()),
         Err(DecryptError::KeyUnavailable(StoreError::Database(err))) => {
@@ -743,6 +747,42 @@ async fn reveal(
     }
 }
 
+/// The data keys one batch has used, by subject and version: each is taken from the key
+/// store (its cache, or PostgreSQL) once per batch instead of once per field. Only live and
+/// erased keys are kept; a failure is asked again (it ends in a dead letter or a retry).
+#[derive(Default)]
+struct BatchKeys(HashMap<(uuid::Uuid, u32), Result<ledger_pii::SubjectKey, DateTime<Utc>>>);
+
+impl BatchKeys {
+    /// [`KeyStore::decrypt`] through this batch's keys.
+    async fn decrypt(
+        &mut self,
+        keys: &KeyStore,
+        subject: uuid::Uuid,
+        event_id: uuid::Uuid,
+        field: &str,
+        text: &str,
+    ) -> Result<String, DecryptError> {
+        let ciphertext = ledger_pii::Ciphertext::parse(text)?;
+        let version = ciphertext.key_version();
+        if !self.0.contains_key(&(subject, version)) {
+            let known = match keys.load(subject, version).await {
+                Ok(key) => Ok(key),
+                Err(StoreError::Erased { erased_at, .. }) => Err(erased_at),
+                Err(other) => return Err(other.into()),
+            };
+            self.0.insert((subject, version), known);
+        }
+        match &self.0[&(subject, version)] {
+            Ok(key) => Ok(key.decrypt_parsed(event_id, field, &ciphertext)?),
+            Err(erased_at) => Err(DecryptError::KeyErased {
+                subject,
+                erased_at: *erased_at,
+            }),
+        }
+    }
+}
+
 /// [`project_batch`] with the payloads looked up in `decoded` first.
 async fn project_decoded(
     tx: &mut PgConnection,
@@ -757,6 +797,7 @@ async fn project_decoded(
     let mut transfer_events: Vec<(usize, &RecordedEvent, &TransferEvent)> = Vec::new();
     // By event id: the text to show for an encrypted field (decrypted, or the marker).
     let mut shown: HashMap<uuid::Uuid, String> = HashMap::new();
+    let mut batch_keys = BatchKeys::default();
     let takes_accounts = matches!(
         projection,
         names::ACCOUNT_SUMMARY | names::ACCOUNT_STATEMENT | names::SUBJECT_TOTALS
@@ -806,7 +847,7 @@ async fn project_decoded(
             _ => None,
         };
         if let Some((subject, field, text)) = sealed {
-            match reveal(&decoded.keys, event, subject, field, text).await {
+            match reveal(&decoded.keys, &mut batch_keys, event, subject, field, text).await {
                 Ok(text) => {
                     shown.insert(event.event_id, text);
                 }
