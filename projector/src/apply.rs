@@ -765,15 +765,17 @@ impl BatchKeys {
     ) -> Result<String, DecryptError> {
         let ciphertext = ledger_pii::Ciphertext::parse(text)?;
         let version = ciphertext.key_version();
-        if !self.0.contains_key(&(subject, version)) {
-            let known = match keys.load(subject, version).await {
-                Ok(key) => Ok(key),
-                Err(StoreError::Erased { erased_at, .. }) => Err(erased_at),
-                Err(other) => return Err(other.into()),
-            };
-            self.0.insert((subject, version), known);
-        }
-        match &self.0[&(subject, version)] {
+        let known = match self.0.entry((subject, version)) {
+            std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(match keys.load(subject, version).await {
+                    Ok(key) => Ok(key),
+                    Err(StoreError::Erased { erased_at, .. }) => Err(erased_at),
+                    Err(other) => return Err(other.into()),
+                })
+            }
+        };
+        match known {
             Ok(key) => Ok(key.decrypt_parsed(event_id, field, &ciphertext)?),
             Err(erased_at) => Err(DecryptError::KeyErased {
                 subject,
