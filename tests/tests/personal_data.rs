@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ledger_e2e::broker::Broker;
@@ -447,12 +449,18 @@ async fn erasure_racing_deposits_and_transfers_loses_no_money() {
     let second = open(&s.api, &subject).await;
     money(&s.api, &first, "deposits", 10_000, "opening").await;
 
+    // Traffic runs until told to stop; the erasure lands in the middle of it: after 20
+    // answers, and the traffic goes on for 20 answers more.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
         let (api_base, first, second) = (s.api.base.clone(), first.clone(), second.clone());
+        let (answered, stop) = (answered.clone(), stop.clone());
         tokio::spawn(async move {
             let client = reqwest::Client::new();
-            let mut deposited = 0;
-            for n in 0..60 {
+            let (mut deposited, mut refused) = (0, 0);
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
                 let (path, body) = match n % 3 {
                     0 => (
                         format!("/v1/accounts/{second}/deposits"),
@@ -467,6 +475,7 @@ async fn erasure_racing_deposits_and_transfers_loses_no_money() {
                         json!({"from": first, "to": second, "amount": 7, "currency": "EUR"}),
                     ),
                 };
+                n += 1;
                 let response = client
                     .post(format!("{api_base}{path}"))
                     .header("Idempotency-Key", Uuid::new_v4().to_string())
@@ -481,17 +490,45 @@ async fn erasure_racing_deposits_and_transfers_loses_no_money() {
                     202 => {}
                     // A deposit with a reference once the subject is erased: refused, nothing
                     // written.
-                    422 => assert_eq!(answer["code"], "subject_erased", "{answer}"),
+                    422 => {
+                        assert_eq!(answer["code"], "subject_erased", "{answer}");
+                        refused += 1;
+                    }
                     other => panic!("{other}: {answer}"),
                 }
+                answered.fetch_add(1, Ordering::SeqCst);
             }
-            deposited
+            (deposited, refused)
         })
     };
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let count = answered.clone();
+    eventually(DEADLINE, "20 answers before the erasure", || {
+        let count = count.clone();
+        async move {
+            let seen = count.load(Ordering::SeqCst);
+            (seen >= 20).then_some(()).ok_or(seen.to_string())
+        }
+    })
+    .await;
     let (status, body) = erase(&s.api, &subject).await;
     assert_eq!(status, 200, "{body}");
-    let deposited = traffic.await.unwrap();
+    let erased_at = answered.load(Ordering::SeqCst);
+    eventually(DEADLINE, "20 answers after the erasure", || {
+        let count = count.clone();
+        async move {
+            let seen = count.load(Ordering::SeqCst);
+            (seen >= erased_at + 20)
+                .then_some(())
+                .ok_or(seen.to_string())
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (deposited, refused) = traffic.await.unwrap();
+    assert!(
+        refused > 0,
+        "no deposit with a reference came after the erasure"
+    );
 
     let query = &s.query;
     eventually(DEADLINE, "every transfer ended", || async {
