@@ -151,12 +151,7 @@ pub async fn seed(url: &str, count: usize) -> Vec<Uuid> {
         .unwrap();
     }
     let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let keys = ledger_pii::KeyStore::new(
-        pool.clone(),
-        ledger_pii::Keyring::parse(Some(ledger_e2e::process::TEST_KEK), None)
-            .unwrap_or_else(|err| panic!("{err}")),
-        ledger_pii::CacheSettings::default(),
-    );
+    let keys = ledger_pii::testing::test_key_store(&pool);
     ledger_pii::legacy::migrate(&pool, &keys, 100)
         .await
         .unwrap_or_else(|err| panic!("{err}"));

@@ -459,12 +459,7 @@ async fn rebuild(
         .await
         .unwrap();
     // Rebuilds decrypt personal fields. The bench's scratch database gets the test keyring.
-    let keys = ledger_pii::KeyStore::new(
-        pool.clone(),
-        ledger_pii::Keyring::parse(Some(ledger_e2e::process::TEST_KEK), None)
-            .unwrap_or_else(|err| panic!("{err}")),
-        ledger_pii::CacheSettings::default(),
-    );
+    let keys = ledger_pii::testing::test_key_store(&pool);
     if references != "none" {
         seed_with_references(
             &pool,

@@ -266,8 +266,7 @@ mod tests {
 
     #[test]
     fn fingerprints_ignore_key_order_and_see_every_field() {
-        let keyring =
-            Keyring::parse(Some("t:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="), None).unwrap();
+        let keyring = ledger_pii::testing::test_keyring();
         let fingerprint = |method: &str, path: &str, body: &Value| {
             fingerprints(&keyring, method, path, body)[0].clone()
         };
@@ -281,8 +280,7 @@ mod tests {
 
     #[test]
     fn the_stored_fingerprint_is_keyed_and_the_unkeyed_one_is_only_accepted() {
-        let keyring =
-            Keyring::parse(Some("t:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="), None).unwrap();
+        let keyring = ledger_pii::testing::test_keyring();
         let body = json!({"name": "Ada Lovelace"});
         let accepted = fingerprints(&keyring, "POST", "/v1/subjects", &body);
         let unkeyed = hex::encode(Sha256::digest(

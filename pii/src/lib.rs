@@ -54,6 +54,7 @@ pub mod field;
 pub mod keyring;
 pub mod legacy;
 pub mod store;
+pub mod testing;
 
 pub use data_key::{DataKey, SubjectKey, UnwrapError, WrappedKey};
 pub use field::{is_encrypted, Ciphertext, FieldError};

@@ -5,20 +5,14 @@
 
 use ledger_events::subject::legacy_subject_id;
 use ledger_pii::legacy::{migrate, LegacyReport};
-use ledger_pii::{CacheSettings, DecryptError, KeyStore, Keyring};
+use ledger_pii::{DecryptError, KeyStore};
 use ledger_platform::testing::fresh_database;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const KEK: &str = "test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
 fn key_store(pool: &PgPool) -> KeyStore {
-    KeyStore::new(
-        pool.clone(),
-        Keyring::parse(Some(KEK), None).unwrap(),
-        CacheSettings::default(),
-    )
+    ledger_pii::testing::test_key_store(pool)
 }
 
 async fn event(

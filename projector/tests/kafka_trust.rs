@@ -14,17 +14,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// The data keys, under the end-to-end harness's test KEK.
+/// The data keys, under the test KEK.
 fn keys(pool: &sqlx::PgPool) -> ledger_pii::KeyStore {
-    ledger_pii::KeyStore::new(
-        pool.clone(),
-        ledger_pii::Keyring::parse(
-            Some("test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
-            None,
-        )
-        .unwrap(),
-        ledger_pii::CacheSettings::default(),
-    )
+    ledger_pii::testing::test_key_store(pool)
 }
 
 const A: &str = "00000000-0000-0000-0000-0000000000a1";

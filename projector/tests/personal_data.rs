@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use ledger_events::subject::fields;
-use ledger_pii::{CacheSettings, KeyStore, Keyring, ERASED_MARKER};
+use ledger_pii::{KeyStore, ERASED_MARKER};
 use ledger_platform::testing::fresh_database;
 use ledger_projector::apply::{apply_events, Applied, Applier, Incoming, Origin};
 use ledger_projector::ops::rebuild;
@@ -23,17 +23,9 @@ use uuid::Uuid;
 const NAME: &str = "Zelda Quixote-Umbridge";
 const REFERENCE: &str = "invoice 4711 for Zelda";
 
-/// The data keys, under the end-to-end harness's test KEK.
-fn keys(pool: &PgPool) -> KeyStore {
-    KeyStore::new(
-        pool.clone(),
-        Keyring::parse(
-            Some("test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
-            None,
-        )
-        .unwrap(),
-        CacheSettings::default(),
-    )
+/// The data keys, under the test KEK.
+fn keys(pool: &sqlx::PgPool) -> KeyStore {
+    ledger_pii::testing::test_key_store(pool)
 }
 
 /// Appends one event with a chosen id and metadata (a row of `events`, column by column).

@@ -21,17 +21,9 @@ use tokio::sync::Notify;
 const T: &str = "00000000-0000-0000-0000-0000000000f1";
 const U: &str = "00000000-0000-0000-0000-0000000000f2";
 
-/// The data keys, under the end-to-end harness's test KEK.
-fn keys(pool: &PgPool) -> ledger_pii::KeyStore {
-    ledger_pii::KeyStore::new(
-        pool.clone(),
-        ledger_pii::Keyring::parse(
-            Some("test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
-            None,
-        )
-        .unwrap(),
-        ledger_pii::CacheSettings::default(),
-    )
+/// The data keys, under the test KEK.
+fn keys(pool: &sqlx::PgPool) -> ledger_pii::KeyStore {
+    ledger_pii::testing::test_key_store(pool)
 }
 
 /// Accounts of two owners with openings, deposits and withdrawals, a completed transfer, a

@@ -42,14 +42,8 @@ pub struct Process {
     pub seen: Vec<String>,
 }
 
-/// The key-encryption key every process of the tests runs with (`PII_KEK`): id `test`, 32
-/// bytes of 0x2a. Never a production value.
-pub const TEST_KEK: &str = "test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
-mod ledger_pii_settings {
-    /// The setting's name, as `ledger-pii` reads it.
-    pub const KEK_SETTING: &str = "PII_KEK";
-}
+/// The key-encryption key every process of the tests runs with (`PII_KEK`).
+pub use ledger_pii::testing::TEST_KEK;
 
 impl Process {
     /// Starts `binary` with `args` and `env` (plus `LOG_FORMAT=json`), inheriting the rest of
@@ -75,7 +69,7 @@ impl Process {
             .env("AUTH_MODE", "disabled")
             // Every process that holds personal data needs the key-encryption key; the
             // tests share one (a test that checks a missing or wrong one overrides it).
-            .env(ledger_pii_settings::KEK_SETTING, TEST_KEK)
+            .env(ledger_pii::keyring::CURRENT_SETTING, TEST_KEK)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

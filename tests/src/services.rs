@@ -386,7 +386,10 @@ pub async fn admin_with(database_url: &str, env: &[(&str, &str)], args: &[&str])
         .env_clear()
         .env("DATABASE_URL", database_url)
         .env("USER", "tester")
-        .env("PII_KEK", crate::process::TEST_KEK)
+        .env(
+            ledger_pii::keyring::CURRENT_SETTING,
+            crate::process::TEST_KEK,
+        )
         .envs(env.iter().copied())
         .output()
         .await

@@ -13,13 +13,13 @@ use std::time::Duration;
 use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::kafka::{read_available, Received};
-use ledger_e2e::process::{binary, TEST_KEK};
+use ledger_e2e::process::binary;
 use ledger_e2e::services::{
     admin, balances_from_events, migrated_database, topic, wait_until_projected, CommandApi,
     Projector, QueryApi, Relay,
 };
 use ledger_e2e::Process;
-use ledger_pii::{CacheSettings, DecryptError, KeyStore, Keyring, ERASED_MARKER};
+use ledger_pii::{DecryptError, KeyStore, ERASED_MARKER};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -228,8 +228,7 @@ async fn ciphertexts(url: &str) -> Vec<(Uuid, Uuid, String, String)> {
 }
 
 fn key_store(pool: PgPool) -> KeyStore {
-    let keyring = Keyring::parse(Some(TEST_KEK), None).unwrap();
-    KeyStore::new(pool, keyring, CacheSettings::default())
+    ledger_pii::testing::test_key_store(&pool)
 }
 
 async fn statement_references(query: &QueryApi, account: &str) -> Vec<Value> {

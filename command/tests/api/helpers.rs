@@ -12,14 +12,7 @@ use uuid::Uuid;
 
 pub use ledger_platform::testing::fresh_database;
 
-/// The key-encryption key the tests' apps run with (`PII_KEK`): id `test`, 32 bytes of
-/// 0x2a, as the end-to-end harness's. Never a production value.
-pub const TEST_KEK: &str = "test:KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
-/// The keyring of [`TEST_KEK`].
-pub fn test_keyring() -> ledger_pii::Keyring {
-    ledger_pii::Keyring::parse(Some(TEST_KEK), None).expect("the test KEK parses")
-}
+pub use ledger_pii::testing::{test_keyring, TEST_KEK};
 
 /// A running command API on a random port over its own database.
 pub struct TestApp {
