@@ -11,16 +11,18 @@ use ledger_events::metadata::TRACEPARENT;
 use ledger_events::Metadata;
 use ledger_pii::Keyring;
 use serde_json::Value;
+use sqlx::PgPool;
+use std::future::Future;
 use uuid::Uuid;
 
 use super::error::ApiError;
 use super::headers::CommandHeaders;
 use crate::domain::Decider;
-use crate::idempotency::{self, ClientKey, StoredResponse};
+use crate::idempotency::{self, Appended, ClientKey, StoredResponse};
 use crate::ledger::{Intent, Ledger, LedgerError, Outcome};
 
 /// How many times a request re-reads its key after losing a race for it.
-pub(super) const KEY_RACE_ROUNDS: usize = 3;
+const KEY_RACE_ROUNDS: usize = 3;
 
 /// What every command handler knows about its request.
 #[derive(Debug)]
@@ -158,20 +160,23 @@ where
     let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? else {
         return Ok(None);
     };
-    answer_from_record(ledger, request, &record, &body).await
+    let body = &body;
+    let derive = |appended: Appended| async move { Ok(body(&ledger.outcome_at(&appended).await?)) };
+    answer_from_record(pool, request, &record, &derive).await
 }
 
-/// The answer `record` holds or its events give; `None` when it has neither yet.
-async fn answer_from_record<A>(
-    ledger: &Ledger<A>,
+/// The answer `record` holds or its events give (`derive` turns the events appended under
+/// the key into the success body, which is then stored); `None` when it has neither yet. A
+/// different request under the key is [`ApiError::IdempotencyKeyReused`].
+async fn answer_from_record<Derive, DeriveFut>(
+    pool: &PgPool,
     request: &CommandRequest,
     record: &idempotency::KeyRecord,
-    body: &impl Fn(&Outcome<A>) -> Value,
+    derive: &Derive,
 ) -> Result<Option<Response>, ApiError>
 where
-    A: Decider,
-    A::Error: std::error::Error,
-    ApiError: From<LedgerError<A::Error>> + From<A::Error>,
+    Derive: Fn(Appended) -> DeriveFut,
+    DeriveFut: Future<Output = Result<Value, ApiError>>,
 {
     if !request.is_same_request(&record.request_hash) {
         return Err(ApiError::IdempotencyKeyReused);
@@ -182,15 +187,93 @@ where
     if let Some(appended) = &record.appended {
         // Committed by an earlier request that never stored its answer (it died, or is
         // about to store it): the answer is derived from the events.
-        let outcome = ledger.outcome_at(appended).await?;
         let stored = StoredResponse {
             status: request.success.as_u16(),
-            body: body(&outcome),
+            body: derive(appended.clone()).await?,
         };
-        idempotency::save_response(ledger.pool(), &record.key, &stored).await?;
+        idempotency::save_response(pool, &record.key, &stored).await?;
         return Ok(Some(render(&stored, true)));
     }
     Ok(None)
+}
+
+/// What one attempt at a write under an idempotency key gave.
+pub(super) enum Attempt {
+    /// Carried out: the success body.
+    Done(Value),
+    /// Refused by a rule: the key's answer for good unless it is a 409 (ADR 0002), stored
+    /// if the key is still free.
+    Refused(ApiError),
+    /// Another request claimed the key first: its record is read again.
+    KeyTaken,
+}
+
+/// Runs a write under the request's idempotency key (if any) and renders the answer, for
+/// every command route: a stored answer is replayed; events committed under the key
+/// without a stored answer give it through `derive`; a concurrent request that claims the
+/// key first wins, and this one answers what that one got. `execute` makes one attempt
+/// with the request's metadata.
+pub(super) async fn under_key<Execute, ExecuteFut, Derive, DeriveFut>(
+    pool: &PgPool,
+    request: &CommandRequest,
+    execute: Execute,
+    derive: Derive,
+) -> Result<Response, ApiError>
+where
+    Execute: Fn(Metadata) -> ExecuteFut,
+    ExecuteFut: Future<Output = Result<Attempt, ApiError>>,
+    Derive: Fn(Appended) -> DeriveFut,
+    DeriveFut: Future<Output = Result<Value, ApiError>>,
+{
+    let success = |body| StoredResponse {
+        status: request.success.as_u16(),
+        body,
+    };
+    let Some(key) = request.key() else {
+        return match execute(request.metadata()).await? {
+            Attempt::Done(body) => Ok(render(&success(body), false)),
+            Attempt::Refused(refusal) => Err(refusal),
+            // Cannot happen without a key; answered as the ledger always answered it.
+            Attempt::KeyTaken => Err(ApiError::Conflict { attempts: 1 }),
+        };
+    };
+    for _ in 0..KEY_RACE_ROUNDS {
+        if let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? {
+            if let Some(replayed) = answer_from_record(pool, request, &record, &derive).await? {
+                return Ok(replayed);
+            }
+        }
+        match execute(request.metadata()).await? {
+            Attempt::Done(body) => {
+                let stored = success(body);
+                if let Err(err) = idempotency::save_response(pool, &key, &stored).await {
+                    // The events are committed; a later duplicate derives the same answer.
+                    tracing::warn!(error = %err, "could not store the idempotent response");
+                }
+                return Ok(render(&stored, false));
+            }
+            Attempt::Refused(refusal) => {
+                let problem = refusal.problem();
+                if !is_remembered(problem.status) {
+                    // A refusal that only says "not now" (409 transfers_in_flight): the
+                    // key stays free, so a retry once the conflict is gone is carried out.
+                    return Err(ApiError::Problem(problem));
+                }
+                let stored = StoredResponse {
+                    status: problem.status.as_u16(),
+                    body: problem.body(),
+                };
+                if idempotency::record_refusal(pool, &key, request.fingerprint(), &stored).await? {
+                    return Ok(render(&stored, false));
+                }
+                // Another request claimed the key meanwhile: its answer stands.
+            }
+            Attempt::KeyTaken => {}
+        }
+    }
+    Err(ApiError::Internal(format!(
+        "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
+    )))
 }
 
 /// Executes `command` on `aggregate_id` under the request's idempotency key (if any) and
@@ -213,53 +296,27 @@ where
         metadata: request.metadata(),
         event_id: request.event_id,
     };
-    let success = |outcome: &Outcome<A>| StoredResponse {
-        status: request.success.as_u16(),
-        body: body(outcome),
-    };
-    let Some(key) = request.key() else {
-        let outcome = ledger.execute(intent).await?;
-        return Ok(render(&success(&outcome), false));
-    };
-    let pool = ledger.pool();
-    for _ in 0..KEY_RACE_ROUNDS {
-        if let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? {
-            if let Some(replayed) = answer_from_record(ledger, &request, &record, &body).await? {
-                return Ok(replayed);
-            }
-        }
-        match ledger.execute(intent.clone()).await {
-            Ok(outcome) => {
-                let stored = success(&outcome);
-                if let Err(err) = idempotency::save_response(pool, &key, &stored).await {
-                    // The events are committed; a later duplicate derives the same answer.
-                    tracing::warn!(error = %err, "could not store the idempotent response");
+    let body = &body;
+    under_key(
+        ledger.pool(),
+        &request,
+        |metadata| {
+            let intent = Intent {
+                metadata,
+                ..intent.clone()
+            };
+            async move {
+                match ledger.execute(intent).await {
+                    Ok(outcome) => Ok(Attempt::Done(body(&outcome))),
+                    Err(LedgerError::Rejected(rule)) => Ok(Attempt::Refused(ApiError::from(rule))),
+                    Err(LedgerError::KeyTaken) => Ok(Attempt::KeyTaken),
+                    Err(other) => Err(other.into()),
                 }
-                return Ok(render(&stored, false));
             }
-            Err(LedgerError::Rejected(rule)) => {
-                let problem = ApiError::from(rule).problem();
-                if !is_remembered(problem.status) {
-                    // A refusal that only says "not now" (409 transfers_in_flight): the
-                    // key stays free, so a retry once the conflict is gone is carried out.
-                    return Err(ApiError::Problem(problem));
-                }
-                let stored = StoredResponse {
-                    status: problem.status.as_u16(),
-                    body: problem.body(),
-                };
-                if idempotency::record_refusal(pool, &key, request.fingerprint(), &stored).await? {
-                    return Ok(render(&stored, false));
-                }
-                // Another request claimed the key meanwhile: its answer stands.
-            }
-            Err(LedgerError::KeyTaken) => {}
-            Err(other) => return Err(other.into()),
-        }
-    }
-    Err(ApiError::Internal(format!(
-        "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
-    )))
+        },
+        |appended| async move { Ok(body(&ledger.outcome_at(&appended).await?)) },
+    )
+    .await
 }
 
 /// Whether a refusal with `status` is the key's answer for good. A 409 is not: it reports a

@@ -21,9 +21,9 @@ use uuid::Uuid;
 use super::accounts::{check_text, MAX_NAME_CHARS};
 use super::error::ApiError;
 use super::headers::CommandHeaders;
-use super::intents::{render, CommandRequest, KEY_RACE_ROUNDS};
+use super::intents::{under_key, Attempt, CommandRequest};
 use super::AppState;
-use crate::idempotency::{self, Appended, StoredResponse};
+use crate::idempotency::Appended;
 use crate::subjects::SubjectError;
 
 /// The routes a `write` key may use.
@@ -163,10 +163,9 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Runs a subject write (`execute`, given the request's metadata) under the request's
-/// idempotency key, as [`super::intents::run`] runs account commands: a stored answer is replayed;
-/// events committed under the key without a stored answer give it through `derive`; a
-/// concurrent request that claims the key first wins, and this one answers what it got.
-/// Refusals (404, 422) are not stored under the key: they answer the same on a retry.
+/// idempotency key, through the same loop as the account commands
+/// ([`super::intents::under_key`]). Refusals (404, 422) are not stored under the key: they
+/// answer the same on a retry.
 async fn run_keyed<Execute, ExecuteFut, Derive, DeriveFut>(
     state: &AppState,
     request: CommandRequest,
@@ -179,42 +178,18 @@ where
     Derive: Fn(Appended) -> DeriveFut,
     DeriveFut: Future<Output = Result<Value, ApiError>>,
 {
-    let stored = |body| StoredResponse {
-        status: request.success().as_u16(),
-        body,
-    };
-    let Some(key) = request.key() else {
-        return Ok(render(&stored(execute(request.metadata()).await?), false));
-    };
-    let pool = state.ledger.pool();
-    for _ in 0..KEY_RACE_ROUNDS {
-        if let Some(record) = idempotency::find(pool, &key, request.fingerprints()).await? {
-            if !request.is_same_request(&record.request_hash) {
-                return Err(ApiError::IdempotencyKeyReused);
+    let execute = &execute;
+    under_key(
+        state.ledger.pool(),
+        &request,
+        |metadata| async move {
+            match execute(metadata).await {
+                Ok(body) => Ok(Attempt::Done(body)),
+                Err(ApiError::Subject(SubjectError::KeyTaken)) => Ok(Attempt::KeyTaken),
+                Err(other) => Err(other),
             }
-            if let Some(answer) = record.response {
-                return Ok(render(&answer, true));
-            }
-            if let Some(appended) = record.appended {
-                let answer = stored(derive(appended).await?);
-                idempotency::save_response(pool, &record.key, &answer).await?;
-                return Ok(render(&answer, true));
-            }
-        }
-        match execute(request.metadata()).await {
-            Ok(body) => {
-                let answer = stored(body);
-                if let Err(err) = idempotency::save_response(pool, &key, &answer).await {
-                    // The event is committed; a later duplicate derives the same answer.
-                    tracing::warn!(error = %err, "could not store the idempotent response");
-                }
-                return Ok(render(&answer, false));
-            }
-            Err(ApiError::Subject(SubjectError::KeyTaken)) => {}
-            Err(other) => return Err(other),
-        }
-    }
-    Err(ApiError::Internal(format!(
-        "idempotency key still contended after {KEY_RACE_ROUNDS} rounds"
-    )))
+        },
+        derive,
+    )
+    .await
 }
