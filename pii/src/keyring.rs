@@ -21,6 +21,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
+use hmac::Mac;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// The setting holding the current KEK.
@@ -66,18 +67,32 @@ impl fmt::Debug for KekId {
     }
 }
 
+/// HMAC-SHA256, for request fingerprints.
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
 /// One key-encryption key: its id and 32 secret bytes, zeroized on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Kek {
     #[zeroize(skip)]
     id: KekId,
     key: [u8; KEY_LEN],
+    /// The HMAC key of request fingerprints derived from it (see
+    /// [`Keyring::fingerprints`]), derived once.
+    fingerprint_key: [u8; KEY_LEN],
 }
 
 impl Kek {
     /// A KEK from raw bytes (tests and tools; services use [`Keyring::parse`]).
     pub fn new(id: KekId, key: [u8; KEY_LEN]) -> Self {
-        Self { id, key }
+        let mut derive = <HmacSha256 as Mac>::new_from_slice(&key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        derive.update(b"ledger-pii/fingerprint/1");
+        let fingerprint_key = derive.finalize().into_bytes().into();
+        Self {
+            id,
+            key,
+            fingerprint_key,
+        }
     }
 
     /// The KEK's id.
@@ -195,14 +210,8 @@ impl Keyring {
     /// it. Store the first; accept any (a request retried across a KEK rotation still
     /// matches while the old KEK is in `PII_KEK_PREVIOUS`).
     pub fn fingerprints(&self, message: &[u8]) -> Vec<String> {
-        use hmac::{Hmac, Mac};
-        type HmacSha256 = Hmac<sha2::Sha256>;
         let digest = |kek: &Kek| {
-            let mut derive = <HmacSha256 as Mac>::new_from_slice(kek.key_bytes())
-                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-            derive.update(b"ledger-pii/fingerprint/1");
-            let key = derive.finalize().into_bytes();
-            let mut mac = <HmacSha256 as Mac>::new_from_slice(&key)
+            let mut mac = <HmacSha256 as Mac>::new_from_slice(&kek.fingerprint_key)
                 .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
             mac.update(message);
             hex::encode(mac.finalize().into_bytes())

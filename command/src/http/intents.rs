@@ -30,6 +30,7 @@ pub struct CommandRequest {
     /// The headers it came with.
     pub headers: CommandHeaders,
     /// Its fingerprints: the first is stored, any matches ([`idempotency::fingerprints`]).
+    /// Computed only for a request with an idempotency key: nothing else compares them.
     fingerprints: Vec<String>,
     success: StatusCode,
     /// The id the command's event must be stored under (a ciphertext in it is bound to it).
@@ -39,7 +40,8 @@ pub struct CommandRequest {
 }
 
 impl CommandRequest {
-    /// The request's fingerprints (keyed by `keyring`) and the status of its success.
+    /// The request's fingerprints (keyed by `keyring`; only when it carries an idempotency
+    /// key) and the status of its success.
     pub fn new(
         keyring: &Keyring,
         method: &Method,
@@ -48,8 +50,12 @@ impl CommandRequest {
         headers: CommandHeaders,
         success: StatusCode,
     ) -> Self {
+        let fingerprints = match headers.idempotency_key {
+            Some(_) => idempotency::fingerprints(keyring, method.as_str(), uri.path(), body),
+            None => Vec::new(),
+        };
         Self {
-            fingerprints: idempotency::fingerprints(keyring, method.as_str(), uri.path(), body),
+            fingerprints,
             headers,
             success,
             event_id: None,
@@ -71,9 +77,10 @@ impl CommandRequest {
         self.success
     }
 
-    /// Its fingerprint as stored (method, path and body as sent, keyed by the current KEK).
+    /// Its fingerprint as stored (method, path and body as sent, keyed by the current KEK);
+    /// empty for a request without an idempotency key.
     pub fn fingerprint(&self) -> &str {
-        &self.fingerprints[0]
+        self.fingerprints.first().map_or("", String::as_str)
     }
 
     /// Every fingerprint it matches: under each configured KEK, and the unkeyed one of
