@@ -255,18 +255,20 @@ mod tests {
         }
     }
 
+    /// The value of the header `name` of `message`, if it has one.
+    fn header_of(message: &Message, name: &str) -> Option<String> {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    }
+
     #[test]
     fn a_message_carries_cloudevents_headers_and_reads_back_into_the_same_event() {
         let event = event();
         let message = encode(&event, "/ledger");
-        let get = |name: &str| {
-            message
-                .headers
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap()
-        };
+        let get = |name: &str| header_of(&message, name).unwrap();
         assert_eq!(message.key, "0193-acc");
         assert_eq!(get("ce_specversion"), "1.0");
         assert_eq!(get("ce_id"), event.event_id.to_string());
@@ -291,15 +293,14 @@ mod tests {
                                "reference": "pii1.3.c2VjcmV0"});
         event.metadata.data_subject = Some("0190-subject".into());
         let message = encode(&event, "/ledger");
-        let get = |name: &str| {
-            message
-                .headers
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.clone())
-        };
-        assert_eq!(get(header::DATA_SUBJECT).as_deref(), Some("0190-subject"));
-        assert_eq!(get(header::PII_KEY_VERSION).as_deref(), Some("3"));
+        assert_eq!(
+            header_of(&message, header::DATA_SUBJECT).as_deref(),
+            Some("0190-subject")
+        );
+        assert_eq!(
+            header_of(&message, header::PII_KEY_VERSION).as_deref(),
+            Some("3")
+        );
 
         let mut registered = event.clone();
         registered.aggregate_type = "subject".into();

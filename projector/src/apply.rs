@@ -74,6 +74,16 @@ pub enum Incoming {
 }
 
 impl Incoming {
+    /// An event as read from the store's log, placed by its log cursor.
+    pub fn from_log(entry: ledger_store::LogEntry) -> Self {
+        Self::Event {
+            origin: Origin::Store {
+                cursor: entry.cursor,
+            },
+            event: Box::new(entry.event),
+        }
+    }
+
     /// Where it came from.
     pub fn origin(&self) -> Origin {
         match self {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ledger_store::{LogCursor, LogNotifications};
 use tokio::sync::watch;
 
-use crate::apply::{BatchHandler, Incoming, Origin};
+use crate::apply::{BatchHandler, Incoming};
 use crate::status::SharedStatus;
 
 /// Runs until `stop` turns true; `reader` names the progress row holding the cursor (the
@@ -49,15 +49,7 @@ pub async fn run<H: BatchHandler>(
             }
             continue;
         }
-        let incoming: Vec<Incoming> = batch
-            .into_iter()
-            .map(|entry| Incoming::Event {
-                origin: Origin::Store {
-                    cursor: entry.cursor,
-                },
-                event: Box::new(entry.event),
-            })
-            .collect();
+        let incoming: Vec<Incoming> = batch.into_iter().map(Incoming::from_log).collect();
         match applier.handle(&incoming).await {
             Ok(applied) => {
                 crate::status::applied(&status, incoming.len(), applied);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ledger_platform::testing::fresh_database;
-use ledger_projector::apply::{Applier, Incoming, Origin};
+use ledger_projector::apply::{Applier, Incoming};
 use ledger_projector::ops::rebuild::{self, Progress};
 use ledger_projector::ops::OpError;
 use ledger_readmodels::names;
@@ -187,15 +187,7 @@ async fn project_live(pool: &PgPool) {
         let Some(last) = batch.last().map(|entry| entry.cursor) else {
             break;
         };
-        let incoming: Vec<Incoming> = batch
-            .into_iter()
-            .map(|entry| Incoming::Event {
-                origin: Origin::Store {
-                    cursor: entry.cursor,
-                },
-                event: Box::new(entry.event),
-            })
-            .collect();
+        let incoming: Vec<Incoming> = batch.into_iter().map(Incoming::from_log).collect();
         applier.apply_batch(&incoming).await.unwrap();
         cursor = last;
     }
