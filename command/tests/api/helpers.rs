@@ -59,13 +59,24 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 
 /// Another command API instance over an existing database (a second replica).
 pub async fn spawn_app_on(database_url: &str, pool: PgPool, extra: &[&str]) -> TestApp {
+    spawn_app_with_keyring(database_url, pool, extra, test_keyring()).await
+}
+
+/// [`spawn_app_on`] with its own keyring (`PII_KEK`, `PII_KEK_PREVIOUS`): a replica after a
+/// KEK rotation.
+pub async fn spawn_app_with_keyring(
+    database_url: &str,
+    pool: PgPool,
+    extra: &[&str],
+    keyring: ledger_pii::Keyring,
+) -> TestApp {
     let settings = settings(database_url, extra);
     let app_pool = PgPoolOptions::new()
         .max_connections(settings.database_max_connections)
         .connect_with(settings.database_url.0.clone())
         .await
         .expect("app pool");
-    let app = Application::with_pool(&settings, app_pool, test_keyring())
+    let app = Application::with_pool(&settings, app_pool, keyring)
         .await
         .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());

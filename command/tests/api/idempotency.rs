@@ -11,7 +11,9 @@ use serde_json::json;
 
 use ledger_platform::auth::{self, Scope};
 
-use crate::helpers::{spawn_app, spawn_app_on, spawn_app_with, test_keyring};
+use crate::helpers::{
+    spawn_app, spawn_app_on, spawn_app_with, spawn_app_with_keyring, test_keyring, TEST_KEK,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_and_request_get_the_same_answer_and_one_set_of_events() {
@@ -312,4 +314,39 @@ async fn a_key_stored_before_keys_were_scoped_answers_its_own_request_and_no_oth
     assert_eq!(other.status, 200, "{}", other.text);
     assert!(other.headers.get("idempotent-replayed").is_none());
     assert_eq!(app.balance_from_events(id).await, 100);
+}
+
+/// Promise 7 across a KEK rotation: request fingerprints are keyed by the KEK (ADR 0019),
+/// so a replica with a new `PII_KEK` (the old one in `PII_KEK_PREVIOUS`) must still see a
+/// retry as the same request, and another request under the key as another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_kek_rotation_is_the_same_request_and_another_body_is_still_refused() {
+    let app = spawn_app().await;
+    let id = app.new_account().await;
+    let path = format!("/v1/accounts/{id}/deposits");
+    let body = json!({"amount": 25, "currency": "EUR", "reference": "before the rotation"});
+    let first = app.post(&path, &body, Some("k-rotation")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+
+    let rotated = ledger_pii::Keyring::parse(
+        Some("next:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+        Some(TEST_KEK),
+    )
+    .unwrap();
+    let after = spawn_app_with_keyring(&app.database_url, app.pool.clone(), &[], rotated).await;
+    let again = after.post(&path, &body, Some("k-rotation")).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body, first.body);
+    assert_eq!(
+        again
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    let other = json!({"amount": 26, "currency": "EUR", "reference": "before the rotation"});
+    let reused = after.post(&path, &other, Some("k-rotation")).await;
+    assert_eq!(reused.status, 422, "{}", reused.text);
+    assert_eq!(reused.body["code"], "idempotency_key_reused");
+    assert_eq!(app.balance_from_events(id).await, 25, "one deposit");
 }
