@@ -427,3 +427,49 @@ pub async fn seed(database_url: &str, accounts: usize, deposits: i64) -> Vec<Str
     }
     ids
 }
+
+/// Extra environment for each process of a [`Stack`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StackEnv<'a> {
+    pub command: &'a [(&'a str, &'a str)],
+    pub relay: &'a [(&'a str, &'a str)],
+    pub projector: &'a [(&'a str, &'a str)],
+    pub query: &'a [(&'a str, &'a str)],
+}
+
+/// The whole ledger over one fresh database and the run's shared broker: the command API,
+/// a relay (leading, so the topic exists), a projector consuming the topic and the query
+/// API.
+#[derive(Debug)]
+pub struct Stack {
+    pub url: String,
+    pub broker: crate::broker::Broker,
+    pub api: CommandApi,
+    pub relay: Relay,
+    pub projector: Projector,
+    pub query: QueryApi,
+}
+
+impl Stack {
+    /// Starts every process with `env`; returns once the relay leads.
+    pub async fn start(env: StackEnv<'_>) -> Self {
+        let broker = crate::broker::Broker::shared().await;
+        let url = migrated_database().await;
+        let api = CommandApi::start_with(&url, env.command).await;
+        let relay = Relay::start(&url, &broker.address, env.relay).await;
+        // The relay creates the topic; the projector subscribes to it.
+        relay
+            .wait_status("leader", Duration::from_secs(90), |s| s["leader"] == true)
+            .await;
+        let projector = Projector::start(&url, Some(&broker.address), env.projector).await;
+        let query = QueryApi::start(&url, env.query).await;
+        Self {
+            url,
+            broker,
+            api,
+            relay,
+            projector,
+            query,
+        }
+    }
+}

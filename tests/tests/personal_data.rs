@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::kafka::{read_available, Received};
 use ledger_e2e::process::binary;
 use ledger_e2e::services::{
     admin, balances_from_events, migrated_database, topic, wait_until_projected, CommandApi,
-    Projector, QueryApi, Relay,
+    QueryApi, Stack, StackEnv,
 };
 use ledger_e2e::Process;
 use ledger_pii::{DecryptError, KeyStore, ERASED_MARKER};
@@ -37,34 +36,15 @@ const LOGS: (&str, &str) = (
 /// the only places a name or a reference may be found before erasure.
 const SERVING_TABLES: [&str; 2] = ["public.subjects", "public.account_statements"];
 
-struct Stack {
-    url: String,
-    broker: Broker,
-    api: CommandApi,
-    relay: Relay,
-    projector: Projector,
-    query: QueryApi,
-}
-
 async fn stack() -> Stack {
-    let broker = Broker::shared().await;
-    let url = migrated_database().await;
-    // A snapshot every second event, so the accounts' snapshots are searched too.
-    let api = CommandApi::start_with(&url, &[("SNAPSHOT_EVERY", "2"), LOGS]).await;
-    let relay = Relay::start(&url, &broker.address, &[LOGS]).await;
-    relay
-        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
-        .await;
-    let projector = Projector::start(&url, Some(&broker.address), &[LOGS]).await;
-    let query = QueryApi::start(&url, &[LOGS]).await;
-    Stack {
-        url,
-        broker,
-        api,
-        relay,
-        projector,
-        query,
-    }
+    Stack::start(StackEnv {
+        // A snapshot every second event, so the accounts' snapshots are searched too.
+        command: &[("SNAPSHOT_EVERY", "2"), LOGS],
+        relay: &[LOGS],
+        projector: &[LOGS],
+        query: &[LOGS],
+    })
+    .await
 }
 
 async fn post(api: &CommandApi, path: &str, body: Value) -> (u16, Value) {

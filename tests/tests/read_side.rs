@@ -10,7 +10,7 @@ use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::services::{
     balances_from_events, balances_in_read_model, migrated_database, topic, wait_until_projected,
-    CommandApi, Projector, QueryApi, Relay,
+    CommandApi, Projector, QueryApi, Relay, Stack, StackEnv,
 };
 use ledger_events::subject::legacy_subject_id;
 use nix::sys::signal::Signal;
@@ -18,16 +18,6 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// Everything running over one database and one broker.
-struct Stack {
-    url: String,
-    broker: Broker,
-    api: CommandApi,
-    relay: Relay,
-    projector: Projector,
-    query: QueryApi,
-}
 
 async fn stack() -> Stack {
     stack_with(&[], "3").await
@@ -39,29 +29,12 @@ const STATIC_MEMBER: (&str, &str) = ("KAFKA_GROUP_INSTANCE_ID", "projector-1");
 
 /// The stack with `projector_env` for the projector and a topic of `partitions` partitions.
 async fn stack_with(projector_env: &[(&str, &str)], partitions: &str) -> Stack {
-    let broker = Broker::shared().await;
-    let url = migrated_database().await;
-    let api = CommandApi::start(&url).await;
-    let relay = Relay::start(
-        &url,
-        &broker.address,
-        &[("KAFKA_TOPIC_PARTITIONS", partitions)],
-    )
-    .await;
-    // The relay creates the topic; the projector subscribes to it.
-    relay
-        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
-        .await;
-    let projector = Projector::start(&url, Some(&broker.address), projector_env).await;
-    let query = QueryApi::start(&url, &[]).await;
-    Stack {
-        url,
-        broker,
-        api,
-        relay,
-        projector,
-        query,
-    }
+    Stack::start(StackEnv {
+        relay: &[("KAFKA_TOPIC_PARTITIONS", partitions)],
+        projector: projector_env,
+        ..StackEnv::default()
+    })
+    .await
 }
 
 async fn withdraw(api: &CommandApi, account: &str, amount: i64) -> Value {

@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
-use ledger_e2e::broker::Broker;
 use ledger_e2e::eventually;
 use ledger_e2e::services::{
     admin, migrated_database, projector_group, transfers_group, wait_until_projected, CommandApi,
-    Projector, QueryApi, Relay,
+    Projector, QueryApi, Stack, StackEnv,
 };
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
@@ -22,33 +21,13 @@ use sqlx::{Connection, PgConnection};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
-struct Stack {
-    url: String,
-    broker: Option<Broker>,
-    api: CommandApi,
-    _relay: Option<Relay>,
-    projector: Projector,
-    query: QueryApi,
-}
-
 async fn stack(projector_env: &[(&str, &str)]) -> Stack {
-    let broker = Broker::shared().await;
-    let url = migrated_database().await;
-    let api = CommandApi::start(&url).await;
-    let relay = Relay::start(&url, &broker.address, &[("KAFKA_TOPIC_PARTITIONS", "3")]).await;
-    relay
-        .wait_status("leader", DEADLINE, |s| s["leader"] == true)
-        .await;
-    let projector = Projector::start(&url, Some(&broker.address), projector_env).await;
-    let query = QueryApi::start(&url, &[]).await;
-    Stack {
-        url,
-        broker: Some(broker),
-        api,
-        _relay: Some(relay),
-        projector,
-        query,
-    }
+    Stack::start(StackEnv {
+        relay: &[("KAFKA_TOPIC_PARTITIONS", "3")],
+        projector: projector_env,
+        ..StackEnv::default()
+    })
+    .await
 }
 
 async fn post(api: &CommandApi, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
@@ -376,7 +355,7 @@ async fn transfers_survive_the_process_manager_being_killed_again_and_again() {
         url,
         broker,
         api,
-        _relay,
+        relay: _relay,
         mut projector,
         query: _query,
     } = stack(&[("TRANSFERS_CRASH_AFTER_STEPS", "40")]).await;
@@ -392,7 +371,7 @@ async fn transfers_survive_the_process_manager_being_killed_again_and_again() {
         // after a kill is covered by the read-side tests, through the same consumer code).
         let restart = |round: i64| {
             let url = url.clone();
-            let brokers = broker.as_ref().unwrap().address.clone();
+            let brokers = broker.address.clone();
             async move {
                 let group = format!("{}-r{round}", projector_group(&url));
                 let transfers_group = format!("{}-r{round}", transfers_group(&url));
