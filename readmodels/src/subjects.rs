@@ -257,17 +257,7 @@ pub async fn lock_for_references(
     if subjects.is_empty() {
         return Ok(Vec::new());
     }
-    let mut sorted = subjects.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock_shared($1, hashtext(s::text))
-           FROM unnest($2::uuid[]) WITH ORDINALITY AS u (s, n) ORDER BY n",
-    )
-    .bind(ERASURE_LOCK_CLASS)
-    .bind(&sorted)
-    .execute(&mut *tx)
-    .await?;
+    let sorted = lock_subjects(tx, subjects, "pg_advisory_xact_lock_shared").await?;
     // A statement of its own: in READ COMMITTED it sees every erasure committed before the
     // lock was granted.
     sqlx::query_scalar(
@@ -282,19 +272,30 @@ pub async fn lock_for_references(
 /// Takes the erasure lock of each of `subjects` in EXCLUSIVE mode (the projection of an
 /// erasure), in one statement and in the same order as [`lock_for_references`].
 pub async fn lock_for_erasure(tx: &mut PgConnection, subjects: &[Uuid]) -> Result<(), sqlx::Error> {
-    if subjects.is_empty() {
-        return Ok(());
+    if !subjects.is_empty() {
+        lock_subjects(tx, subjects, "pg_advisory_xact_lock").await?;
     }
+    Ok(())
+}
+
+/// Takes the erasure lock of each of `subjects` with `function` (shared or exclusive), in
+/// one statement, in subject order, so two transactions never wait on each other in a
+/// cycle. Returns the subjects, sorted and without repeats.
+async fn lock_subjects(
+    tx: &mut PgConnection,
+    subjects: &[Uuid],
+    function: &'static str,
+) -> Result<Vec<Uuid>, sqlx::Error> {
     let mut sorted = subjects.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock($1, hashtext(s::text))
-           FROM unnest($2::uuid[]) WITH ORDINALITY AS u (s, n) ORDER BY n",
-    )
+    sqlx::query(&format!(
+        "SELECT {function}($1, hashtext(s::text))
+           FROM unnest($2::uuid[]) WITH ORDINALITY AS u (s, n) ORDER BY n"
+    ))
     .bind(ERASURE_LOCK_CLASS)
     .bind(&sorted)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    Ok(sorted)
 }
