@@ -1,60 +1,35 @@
 //! The key store against a real PostgreSQL: create, load, erase (twice), unknown subjects,
 //! KEK rotation, and the cache never outliving an erasure.
 //!
-//! Like the other crates' database tests (`ledger_platform::testing::fresh_database`), each
-//! test makes its own database `ledger_test_pii_<uuid>` next to the one `DATABASE_URL` names
-//! (`scripts/test.sh` drops leftovers) and applies every migration under `migrations/`;
-//! the helper is repeated here so that this crate's tests do not build the services'
-//! platform crate. A passing test drops its database.
+//! Like the other crates' database tests, each test makes its own migrated database with
+//! `ledger_platform::testing::fresh_database` (`scripts/test.sh` drops them).
 
 #![allow(clippy::unwrap_used)]
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use ledger_pii::{
     CacheSettings, DecryptError, Erasure, Kek, KekId, KeyStore, Keyring, StoreError, UnwrapError,
     ERASED_MARKER, ERASURE_CHANNEL,
 };
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
 use uuid::Uuid;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
-
+/// A test's own migrated database.
 struct TestDb {
-    admin: PgConnectOptions,
-    name: String,
     pool: PgPool,
 }
 
 impl TestDb {
     async fn new() -> Self {
-        let url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let admin = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a postgres URL");
-        let name = format!("ledger_test_pii_{}", Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect_with(&admin)
-            .await
-            .expect("PostgreSQL reachable at DATABASE_URL");
-        conn.execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
-            .await
-            .unwrap();
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(admin.clone().database(&name))
-            .await
-            .unwrap();
-        MIGRATOR.run(&pool).await.expect("migrations apply");
-        Self { admin, name, pool }
+        let (_url, pool) = ledger_platform::testing::fresh_database().await;
+        Self { pool }
     }
 
-    async fn drop_database(self) {
+    /// Closes the test's connections (the database itself is dropped by `scripts/test.sh`).
+    async fn close(self) {
         self.pool.close().await;
-        let mut conn = PgConnection::connect_with(&self.admin).await.unwrap();
-        conn.execute(format!(r#"DROP DATABASE "{}" WITH (FORCE)"#, self.name).as_str())
-            .await
-            .unwrap();
     }
 }
 
@@ -132,7 +107,7 @@ async fn a_key_is_created_loaded_erased_and_erasing_again_answers_the_same() {
         Err(StoreError::AlreadyExists { .. })
     ));
     assert_eq!(ERASED_MARKER, "[erased]");
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -180,7 +155,7 @@ async fn an_unknown_subject_is_told_apart_from_an_erased_one() {
         .await
         .unwrap();
     assert_eq!(rows, 0);
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -231,7 +206,7 @@ async fn after_rotation_rewrap_all_moves_every_live_key_so_the_new_kek_alone_loa
             Err(StoreError::Erased { .. })
         ));
     }
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -267,7 +242,7 @@ async fn a_key_under_a_kek_no_longer_configured_is_reported_by_rewrap_and_left_a
         .load(lost, 1)
         .await
         .unwrap();
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -323,7 +298,7 @@ async fn an_erased_key_is_not_loadable_even_from_a_warm_cache() {
     }
     // The listener holds one of the pool's connections: closing the pool waits for it.
     drop(listener);
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -352,7 +327,7 @@ async fn loads_racing_an_erasure_never_put_the_erased_key_back_in_the_cache() {
             "a load that read the key before the erasure cached it after"
         );
     }
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -388,7 +363,7 @@ async fn an_erasure_in_the_callers_transaction_is_undone_by_its_rollback_and_kep
         Erasure::AlreadyErased { at: erased.at() }
     );
     tx.commit().await.unwrap();
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -432,7 +407,7 @@ async fn the_start_up_check_refuses_a_missing_or_wrong_kek_and_names_it() {
         &UnwrapError::AuthenticationFailed(KekId::new("k0").unwrap())
     );
     assert!(source.to_string().contains("`k0`"), "{source}");
-    db.drop_database().await;
+    db.close().await;
 }
 
 #[tokio::test]
@@ -470,5 +445,5 @@ async fn a_generated_key_is_stored_in_the_callers_transaction_or_not_at_all() {
         Err(StoreError::AlreadyExists { subject: s }) if s == subject
     ));
     drop(conn);
-    db.drop_database().await;
+    db.close().await;
 }
